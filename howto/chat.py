@@ -85,6 +85,12 @@ def parse_steps(text: str) -> list[str]:
     return steps
 
 
+def decode_answer(tokenizer: Any, ids: list[int]) -> str:
+    """Generated ids as text. Special tokens are always skipped: MistralCommonBackend otherwise returns raw
+    SentencePiece pieces ("▁1.▁Open<0x0A>") instead of text."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
 def _ids(encoded: Any) -> list[int]:
     """apply_chat_template returns a list, a BatchEncoding or a dict depending on the tokenizer class."""
     if hasattr(encoded, "keys") and "input_ids" in encoded:

@@ -128,7 +128,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
     so a typo in a config never goes unnoticed.
     """
     parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
-    pre, _ = parser.parse_known_args(argv)
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config")
+    pre, _ = config_only.parse_known_args(argv)
     if pre.config:
         try:
             loaded = yaml.safe_load(Path(pre.config).read_text(encoding="utf-8")) or {}

@@ -1,0 +1,66 @@
+"""Run bookkeeping: YAML configs feed the flags, outputs are atomic, every run records what it ran on."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from howto.runio import atomic_write_text, hash_files, parse_args, read_jsonl, write_run_info
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--epochs", type=int, default=3)
+    return parser
+
+
+def test_config_sets_defaults_and_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": "d", "learning_rate": 1e-3, "epochs": 5,
+                                      "finetune": {"epochs": 7}, "evaluate": {"limit": 3}}))
+    args = parse_args(make_parser(), ["--config", str(config), "--epochs", "9"], section="finetune")
+    assert (args.data, args.learning_rate, args.epochs) == ("d", 1e-3, 9)
+    args = parse_args(make_parser(), ["--config", str(config)], section="finetune")
+    assert args.epochs == 7  # the script's own section beats the top level
+
+
+def test_unknown_config_key_is_an_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: d\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_args(make_parser(), ["--config", str(config)])
+    assert "unknown setting 'learning_rat'" in capsys.readouterr().err
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    with pytest.raises(TypeError):
+        atomic_write_text(target, 42)  # type: ignore[arg-type]
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2,,}\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl:2:"):
+        read_jsonl(path)
+
+
+def test_run_info_records_config_versions_and_data_hash(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "x"}\n')
+    write_run_info(tmp_path / "run", {"epochs": 3}, [data], extra={"engine": "unsloth"})
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["data_sha256"] == hash_files([data])
+    assert info["versions"]["transformers"] and info["engine"] == "unsloth"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {"epochs": 3}
+    data.write_text('{"prompt": "y"}\n')
+    assert hash_files([data]) != info["data_sha256"]

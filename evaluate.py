@@ -34,7 +34,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from howto.chat import SYSTEM_PROMPT, parse_steps, prompt_ids, render_steps
+from howto.chat import SYSTEM_PROMPT, decode_answer, parse_steps, prompt_ids, render_steps
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, LOWER_IS_BETTER, METRICS, MINILM, BertScore, BertScoreUnavailable,
                            StepEncoder, mean_defined, paired_comparison, score_examples)
 from howto.runio import (atomic_write_bytes, atomic_write_text, hash_files, parse_args, write_json, write_jsonl,
@@ -244,7 +244,7 @@ def generate_batch(lm: Any, tokenizer: Any, prompts: list[str], max_new_tokens: 
     answers = []
     for row in out[:, width:].tolist():
         end = row.index(eos) if eos in row else len(row)
-        answers.append((tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end))
+        answers.append((decode_answer(tokenizer, row[:end]), end))
     return answers
 
 

@@ -1,0 +1,941 @@
+#!/usr/bin/env python
+"""Fine-tune a chat model with QLoRA so that it answers a how-to question with an ordered list of steps.
+
+    python finetune.py --data prepared --out runs/mistral                 # Mistral-7B-Instruct-v0.3 through Unsloth
+    python finetune.py --data prepared --out runs/sweep --sweep --sweep-lr 1e-4,2e-4 --sweep-epochs 2,3
+    python finetune.py --data prepared --out runs/mistral --resume        # continue an interrupted run
+    python finetune.py --data prepared --out runs/mistral --export gguf --quant q4_k_m,q8_0
+
+`--data` is the folder that prepare_data.py wrote (train.jsonl, val.jsonl). The run folder receives the best LoRA
+adapter (by validation loss) with its tokenizer, HF Trainer checkpoints under checkpoints/, run_info.json and
+config.yaml, metrics.json and loss.png, and the exports (merged/, gguf/) when asked for.
+
+Two engines load the model; everything after loading is one code path. `unsloth` (default): FastLanguageModel in
+4-bit with Unsloth's kernels and gradient checkpointing. `hf`: plain transformers + peft, the QLoRA paper's recipe
+(NF4 double-quantized 4-bit, paged 8-bit AdamW) on CUDA and full precision on a CPU; the baseline the benchmark
+measures Unsloth against, and the engine for multi-GPU runs under `accelerate launch`. Both train on the same
+pre-tokenized records (howto.chat.encode_example), with the loss on the assistant's steps only.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from howto import chat, models
+from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, read_jsonl, write_json, write_run_info
+
+REQUIRED_SPLITS = ("train", "val")
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+TRIAL_KEYS = ("lr", "epochs", "batch_size")
+# Flags that describe where and how a run is launched rather than what it trains; a sweep's best config leaves
+# them out so that it can be reused for a final run anywhere.
+NOT_IN_BEST_CONFIG = {"out", "config", "sweep", "sweep_lr", "sweep_epochs", "sweep_batch_size",
+                      "sweep_optuna_trials", "resume", "export", "quant", "llama_cpp"}
+INTERRUPTED_EXIT = 130
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs this script; only the first one talks and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+console = Console(quiet=not is_main_process())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="QLoRA fine-tuning of a chat model (Mistral-7B-Instruct-v0.3 by default) on how-to steps.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="folder written by prepare_data.py --out (train.jsonl, val.jsonl)")
+    p.add_argument("--out", required=True, help="run folder: adapter, checkpoints/, run_info.json, loss.png, exports")
+    p.add_argument("--model", default=None,
+                   help="hub id or local folder of a causal LM, or 'mistral' / 'smollm2' / 'tiny' (random weights, "
+                        "for tests). Default: Mistral-7B-Instruct-v0.3 on a GPU, SmolLM2-135M-Instruct on a CPU")
+    p.add_argument("--engine", default="unsloth", choices=("unsloth", "hf"),
+                   help="unsloth: Unsloth's 4-bit kernels, about 2x faster and lighter on one GPU; hf: plain "
+                        "transformers + peft QLoRA, the baseline and the multi-GPU path (accelerate launch)")
+    # Defaults: the recipe that fits Mistral-7B QLoRA on a 16 GB T4 (Unsloth's and the QLoRA paper's).
+    p.add_argument("--epochs", type=int, default=3,
+                   help="passes over the training split; 1-3 suits a few thousand records, more overfits (early "
+                        "stopping keeps the best epoch anyway)")
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="peak learning rate; 2e-4 is the QLoRA paper's and Unsloth's rate for 7B LoRA adapters")
+    p.add_argument("--batch-size", type=int, default=2,
+                   help="sequences per device and step; 2 x 1024 tokens fits a 7B 4-bit model on a 16 GB T4")
+    p.add_argument("--grad-accum", type=int, default=4,
+                   help="steps accumulated per optimizer update: an effective batch of 8 without the memory of 8")
+    p.add_argument("--lora-r", type=int, default=16,
+                   help="LoRA rank; 16 learns an output format like this one well, higher costs memory for little")
+    p.add_argument("--lora-alpha", type=int, default=16,
+                   help="LoRA scaling (alpha / r = 1), Unsloth's recommended setting for r=16")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the LoRA path; 0 lets Unsloth use its fast fused path, and early stopping "
+                        "guards against overfitting instead")
+    p.add_argument("--target-modules", default=ALL_PROJECTIONS,
+                   help="comma-separated linear layers that get adapters; all seven projections of attention and "
+                        "MLP, as the QLoRA paper found adapting every layer is what matches full fine-tuning")
+    p.add_argument("--max-seq-length", type=int, default=1024,
+                   help="tokens per training sequence; a how-to question with its steps is far shorter, and 1024 "
+                        "keeps a T4 within memory")
+    p.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="share of the steps spent warming the learning rate up from 0; 3%% avoids early spikes "
+                        "(QLoRA paper)")
+    p.add_argument("--scheduler", default="linear", choices=SCHEDULERS,
+                   help="learning-rate schedule after warmup; linear decay as in Unsloth's Mistral recipe (cosine "
+                        "gives the same results within noise over 1-3 epochs)")
+    p.add_argument("--seed", type=int, default=3407,
+                   help="seed of LoRA initialisation and data order (3407, Unsloth's default, for comparable runs)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
+                   help="pack several short records into one sequence; off, because packing without FlashAttention "
+                        "lets records attend to each other, and short records waste little padding anyway")
+    p.add_argument("--eval-steps", type=int, default=0,
+                   help="evaluate on the validation split every N optimizer steps; 0 = once per epoch")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop after this many evaluations in a row without a better validation loss (one bad "
+                        "evaluation can be noise, two mean overfitting); 0 = never stop early")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True,
+                   help="QLoRA: base weights in 4-bit NF4, the only way a 7B model trains in 16 GB "
+                        "(the hf engine on a CPU always trains in full precision)")
+    p.add_argument("--sweep", action="store_true",
+                   help="hyperparameter search: one real run with early stopping per trial, in OUT/sweep/trial-K, "
+                        "ranked by validation loss; writes OUT/sweep/best_config.yaml for a final run")
+    p.add_argument("--sweep-lr", default="1e-4,2e-4",
+                   help="learning rates of the grid (with Optuna: the range, sampled log-uniformly)")
+    p.add_argument("--sweep-epochs", default="1,3", help="epoch counts of the grid (with Optuna: the choices)")
+    p.add_argument("--sweep-batch-size", default="2",
+                   help="per-device batch sizes of the grid (with Optuna: the choices)")
+    p.add_argument("--sweep-optuna-trials", type=int, default=0,
+                   help="search with Optuna's TPE sampler (seeded by --seed) for this many trials instead of the "
+                        "full grid; 0 = grid")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in OUT/checkpoints (a sweep: skip finished trials)")
+    p.add_argument("--export", nargs="+", default=[], choices=("merged", "gguf"),
+                   help="after training, also write merged 16-bit weights (OUT/merged) and/or GGUF files for "
+                        "llama.cpp with an Ollama Modelfile (OUT/gguf; implies merged)")
+    p.add_argument("--quant", default="q4_k_m",
+                   help="comma-separated GGUF types, e.g. q4_k_m,q8_0,f16; q4_k_m is the usual size/quality balance")
+    p.add_argument("--llama-cpp", default=None,
+                   help="llama.cpp folder for the GGUF export (default: $LLAMA_CPP_DIR, else built once from the "
+                        "llama-cpp-python source distribution)")
+    p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
+                   help="where the Trainer also sends its logs (tensorboard: OUT/checkpoints/runs)")
+    return p
+
+
+def as_list(value: Any, cast: Callable[[str], Any]) -> list[Any]:
+    """A comma-separated flag, or the list a YAML config gives for it."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [cast(str(item).strip()) for item in items if str(item).strip()]
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse settings that would fail hours later or train on nothing, with the flag's name."""
+    checks = [
+        (args.lr > 0, "--lr must be > 0"),
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.grad_accum >= 1, "--grad-accum must be >= 1"),
+        (args.lora_r >= 1, "--lora-r must be >= 1"),
+        (args.lora_alpha > 0, "--lora-alpha must be > 0"),
+        (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (args.max_seq_length >= 16, "--max-seq-length must be >= 16"),
+        (0 <= args.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+        (args.eval_steps >= 0, "--eval-steps must be >= 0"),
+        (args.patience >= 0, "--patience must be >= 0"),
+        (args.sweep_optuna_trials >= 0, "--sweep-optuna-trials must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    for flag, cast in (("target_modules", str), ("quant", str), ("sweep_lr", float), ("sweep_epochs", int),
+                       ("sweep_batch_size", int)):
+        try:
+            setattr(args, flag, as_list(getattr(args, flag), cast))
+        except ValueError as e:
+            parser.error(f"--{flag.replace('_', '-')}: a comma-separated list has a bad value ({e})")
+    if not args.target_modules:
+        parser.error("--target-modules names no layer")
+    if args.sweep:
+        for flag in ("sweep_lr", "sweep_epochs", "sweep_batch_size"):
+            values = getattr(args, flag)
+            if not values or any(v <= 0 for v in values):
+                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each > 0")
+    if args.sweep and args.export:
+        parser.error("--export exports a final run: run the sweep's best_config.yaml without --sweep to export it")
+    if "gguf" in args.export and not args.quant:
+        parser.error("--export gguf needs at least one --quant type")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def record_lines(path: Path) -> list[int]:
+    """Line numbers of the records in a JSONL file (blank lines hold none), so errors can point at a line."""
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+def load_split(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """One split's records with their file and line; anything unusable is an error naming file, line and field."""
+    path = data_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: not found; --data must be the folder that prepare_data.py --out wrote")
+    try:
+        rows = read_jsonl(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not rows:
+        raise SystemExit(f"error: {path}: the {split} split is empty; it needs at least one record")
+    records = []
+    for line, row in zip(record_lines(path), rows, strict=True):
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise SystemExit(f"error: {where}: expected a JSON object with 'prompt' and 'response'")
+        prompt, steps = row.get("prompt"), row.get("response")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SystemExit(f"error: {where}: field 'prompt' must be a non-empty string")
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+            raise SystemExit(f"error: {where}: field 'response' must be a non-empty list of non-empty strings")
+        records.append({"prompt": prompt, "response": steps, "split": split, "file": str(path), "line": line})
+    return records
+
+
+def load_splits(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    if not data_dir.is_dir():
+        raise SystemExit(f"error: --data {data_dir}: no such folder; run prepare_data.py --out {data_dir} first")
+    return {split: load_split(data_dir, split) for split in REQUIRED_SPLITS}
+
+
+def encode_records(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """The canonical token ids and assistant mask of each record, the same for both engines."""
+    return [chat.encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
+
+
+def check_lengths(records: list[dict[str, Any]], encoded: list[dict[str, list[int]]], max_len: int) -> int:
+    """Refuse records that `max_seq_length` would cut down to their prompt; return how many lose some steps.
+
+    Such a record's labels would all be -100: it trains on nothing, and a split full of them gives a loss of NaN
+    or a silently useless run.
+    """
+    cut, truncated = [], 0
+    for record, example in zip(records, encoded, strict=True):
+        prompt_len = example["completion_mask"].index(1)
+        if prompt_len >= max_len:
+            cut.append((record, prompt_len))
+        elif len(example["input_ids"]) > max_len:
+            truncated += 1
+    if cut:
+        lines = [f"  {r['file']}:{r['line']} ({r['split']}): prompt of {n} tokens: {r['prompt'][:100]!r}"
+                 for r, n in cut[:20]]
+        more = [f"  ... and {len(cut) - 20} more"] if len(cut) > 20 else []
+        raise SystemExit(
+            f"error: {len(cut)} record(s) would train on no token: their prompt alone fills --max-seq-length "
+            f"{max_len}, so every step would be cut off. Raise --max-seq-length or shorten them:\n"
+            + "\n".join(lines + more))
+    return truncated
+
+
+def to_dataset(encoded: list[dict[str, list[int]]]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(encoded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+def import_engine(engine: str) -> None:
+    """Unsloth patches transformers, TRL and peft when imported, so it must come before them in the process."""
+    if engine == "unsloth":
+        try:
+            import unsloth  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"error: --engine unsloth: Unsloth cannot be imported ({e}); "
+                             "pip install -r requirements.txt, or use --engine hf") from None
+
+
+def choose_precision(engine: str) -> tuple[str, str]:
+    """bf16 where the hardware has it, fp16 with loss scaling where it does not (a T4), and why.
+
+    bf16 has fp32's range, so it needs no loss scaling and never overflows; fp16 on a GPU without bf16 is the only
+    fast half precision there. Forcing bf16 on a T4 fails or crawls: the trap users of Unsloth keep reporting.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{name} supports bfloat16 (fp32's range, no loss scaling)"
+        return "fp16", f"{name} has no bfloat16 (compute capability < 8.0, e.g. a T4): float16 with loss scaling"
+    if engine == "unsloth":
+        from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+
+        if cpu_bf16_supported():
+            return "bf16", "CPU with native bfloat16 (Unsloth's CPU fallback uses it)"
+        return "fp32", "CPU without native bfloat16 (Unsloth's CPU fallback trains in float32)"
+    return "fp32", "CPU: the hf engine trains in full precision"
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def sharded_launch() -> bool:
+    """FSDP and DeepSpeed place the weights themselves; a device map would fight them."""
+    return any(os.environ.get(v, "").lower() in ("1", "true")
+               for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def load_unsloth(args: argparse.Namespace, path: str, precision: str) -> Any:
+    """FastLanguageModel in 4-bit (Unsloth's pre-quantized repo for the default Mistral: no 15 GB download)."""
+    from unsloth import FastLanguageModel
+
+    weights = models.UNSLOTH_4BIT.get(path, path) if args.load_in_4bit else path
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=weights, max_seq_length=args.max_seq_length, dtype=torch_dtype(precision),
+        load_in_4bit=args.load_in_4bit,
+    )
+    return FastLanguageModel.get_peft_model(
+        model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules, bias="none", use_gradient_checkpointing="unsloth",
+        random_state=args.seed, max_seq_length=args.max_seq_length,
+    )
+
+
+def load_hf(args: argparse.Namespace, path: str, precision: str) -> Any:
+    """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper), full precision on a CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch_dtype(precision)
+    four_bit = args.load_in_4bit and cuda
+    if args.load_in_4bit and not cuda:
+        console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # FSDP shards flat tensors of one dtype, so the packed 4-bit weights are stored in the compute dtype.
+            bnb_4bit_quant_storage=dtype if sharded_launch() else torch.uint8,
+        )
+    if cuda and not sharded_launch():
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    checkpointing = {"use_reentrant": False}
+    if four_bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
+    import transformers
+
+    transformers.set_seed(args.seed)
+    model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}: {trainable:,} trainable parameters")
+    return model
+
+
+def set_pad_token(tokenizer: Any) -> None:
+    """Pad with the tokenizer's own pad token when it is a real vocabulary entry, else with `</s>`.
+
+    Mistral's `<pad>` is not in its vocabulary. Padded positions carry label -100 and attention 0, so `</s>` as
+    padding never teaches the model anything.
+    """
+    if tokenizer.pad_token is None or tokenizer.pad_token not in tokenizer.get_vocab():
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+def optimizer_for(engine: str) -> str:
+    """8-bit AdamW on a GPU (Unsloth's recipe; the paged variant is the QLoRA paper's), plain AdamW on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "adamw_torch"
+    return "adamw_8bit" if engine == "unsloth" else "paged_adamw_8bit"
+
+
+def sft_config_kwargs(args: argparse.Namespace, out_dir: Path, precision: str, epoch_steps: int,
+                      resuming: bool = False) -> dict:
+    """Every SFTConfig setting this script uses (a test builds SFTConfig from exactly these, to catch TRL drift)."""
+    import torch
+
+    strategy = "steps" if args.eval_steps else "epoch"
+    return dict(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=args.scheduler,
+        optim=optimizer_for(args.engine),
+        weight_decay=0.01,
+        seed=args.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=args.eval_steps or None,
+        save_steps=args.eval_steps or None,
+        save_total_limit=2,  # the best checkpoint and the last one, which --resume continues from
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward pass
+        # The untrained model's validation loss first: the baseline every later evaluation is read against. Not on
+        # --resume, where it would count the checkpoint's own evaluation twice against the patience.
+        eval_on_start=not resuming,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=min(10, max(1, epoch_steps // 4)),
+        report_to=args.report_to,
+        include_num_input_tokens_seen="non_padding",
+        max_length=args.max_seq_length,
+        packing=args.packing,
+        completion_only_loss=True,
+        # Both loaders already switched on their own gradient checkpointing (Unsloth's offloaded one for Unsloth);
+        # the Trainer must not wrap the model a second time.
+        gradient_checkpointing=False,
+    )
+
+
+def steps_per_epoch(args: argparse.Namespace, n_train: int) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, math.ceil(n_train / (args.batch_size * world)) // args.grad_accum)
+
+
+def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argparse.Namespace, out_dir: Path,
+                  precision: str, resuming: bool = False) -> Any:
+    """TRL's SFTTrainer on the pre-tokenized records: with completion_only_loss it turns `completion_mask` into
+    labels that are -100 on the prompt, and its collator pads them with -100."""
+    import torch
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    set_pad_token(tokenizer)
+    config = SFTConfig(**sft_config_kwargs(args, out_dir, precision, steps_per_epoch(args, len(train)), resuming))
+    callbacks = [eval_table_callback(), progress_callback()]
+    if args.patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
+    trainer_class = SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else cpu_sft_trainer()
+    trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=val,
+                            processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def cpu_sft_trainer() -> type:
+    """SFTTrainer whose loss is the model's own cross-entropy over the same labels.
+
+    TRL 1.x computes the SFT loss through a fused LM head whose kernel is Triton, which has no CPU backend; Unsloth's
+    CPU fallback routes it to a CPU kernel, the plain hf engine on a CPU needs this instead.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class CPUSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CPUSFTTrainer
+
+
+def eval_table_callback() -> Any:
+    """A rich table after each evaluation: epoch, step, training and validation loss, best so far."""
+    from transformers import TrainerCallback
+
+    class EvalTable(TrainerCallback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[str, ...]] = []
+            self.recent: list[float] = []
+            self.best = math.inf
+
+        def add(self, step: int, epoch: float, val: float) -> None:
+            if step == 0:  # the untrained model: a baseline, not a checkpoint that could be kept
+                self.rows.append(("0.00", "0", "", f"{val:.4f}", "(before training)"))
+                return
+            self.best = min(self.best, val)
+            train = sum(self.recent) / len(self.recent) if self.recent else math.nan
+            self.recent = []
+            self.rows.append((f"{epoch:.2f}", str(step), f"{train:.4f}", f"{val:.4f}",
+                              f"{self.best:.4f}" + (" *" if val <= self.best else "")))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            for entry in state.log_history:  # a resumed run shows the evaluations before the interruption too
+                if "loss" in entry:
+                    self.recent.append(float(entry["loss"]))
+                if "eval_loss" in entry:
+                    self.add(entry["step"], entry.get("epoch") or 0.0, float(entry["eval_loss"]))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.recent.append(float(logs["loss"]))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
+                return
+            self.add(state.global_step, state.epoch or 0.0, float(metrics["eval_loss"]))
+            table = Table(title="Evaluation on the validation split (* = new best)", title_justify="left")
+            for column in ("epoch", "step", "train loss", "val loss", "best val loss"):
+                table.add_column(column, justify="right")
+            for row in self.rows:
+                table.add_row(*row)
+            console.print(table)
+
+    return EvalTable()
+
+
+def progress_callback() -> Any:
+    """A rich progress bar over the optimizer steps, with the last training loss."""
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+            self.task: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.progress = Progress(
+                TextColumn("[bold]training[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is not None and logs and "loss" in logs:
+                self.progress.update(self.task, loss=f"loss {float(logs['loss']):.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgress()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One training run
+# ---------------------------------------------------------------------------------------------------------------
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def peak_memory_gib() -> float:
+    """GPU memory the tensors peaked at; on a CPU, the process's peak resident memory (over its whole life)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    train = [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"]} for h in log_history if "loss" in h]
+    val = [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["eval_loss"]} for h in log_history
+           if "eval_loss" in h]
+    return {"train": train, "val": val}
+
+
+def plot_losses(curves: dict[str, list[dict[str, float]]], best_step: int | None, path: Path) -> None:
+    """Training and validation loss against the step: where the two part ways, the model starts to overfit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if curves["train"]:
+        ax.plot([p["step"] for p in curves["train"]], [p["loss"] for p in curves["train"]], label="train")
+    if curves["val"]:
+        ax.plot([p["step"] for p in curves["val"]], [p["loss"] for p in curves["val"]], "o-", label="validation")
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", linestyle="--", label=f"best (step {best_step})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_adapter(trainer: Any, base_path: str, out_dir: Path) -> None:
+    """The best adapter with the tokenizer beside it, so the run folder is all evaluate.py and the export need."""
+    trainer.save_model(str(out_dir))  # the adapter, and the tokenizer it was given as processing_class
+    if not trainer.is_world_process_zero():
+        return
+    base = Path(base_path)
+    for name in ("tokenizer.model.v3", "tokenizer.model"):
+        if (base / name).is_file():
+            shutil.copy(base / name, out_dir / name)
+
+
+def save_interrupted(trainer: Any, out_dir: Path, argv: list[str]) -> None:
+    """Ctrl-C: save the trainer's full state as a checkpoint, then say how to continue."""
+    trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # progress bar, loggers
+    step = trainer.state.global_step
+    if step == 0:
+        console.print("\n[yellow]Interrupted before the first step[/]: nothing to save.")
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    trainer._save_checkpoint(trainer.model, trial=None)
+    command = shlex.join(["python", "finetune.py", *[a for a in argv if a != "--resume"], "--resume"])
+    console.print(f"\n[yellow]Interrupted at step {step}[/]: checkpoint saved to "
+                  f"{out_dir / 'checkpoints' / f'checkpoint-{step}'}. Continue with:")
+    console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
+
+
+def config_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(args).items())}
+
+
+def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any,
+               data: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    """One real run: load, train with evaluation and early stopping, keep the best adapter, record everything."""
+    import torch
+
+    checkpoint = None
+    if args.resume:
+        checkpoint = last_checkpoint(out_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: --resume: no checkpoint in {out_dir / 'checkpoints'} to continue from")
+        console.print(f"resuming from {checkpoint}")
+    elif last_checkpoint(out_dir) is not None:
+        raise SystemExit(f"error: {out_dir / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to "
+                         "continue it, or choose another --out")
+
+    precision, why = choose_precision(args.engine)
+    console.print(f"precision: [bold]{precision}[/] ({why})")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(args, base_path, precision)
+    trainer = build_trainer(model, tokenizer, data["train"], data["val"], args, out_dir, precision,
+                            resuming=checkpoint is not None)
+    info = {"base_model": base_path, "model_name": args.model, "engine": args.engine, "precision": precision,
+            "precision_reason": why, "status": "running"}
+    if is_main_process():
+        write_run_info(out_dir, config_record(args), data["files"], info)
+
+    history_before = 0
+    tokens_before = 0
+    if checkpoint:
+        from transformers import TrainerState
+
+        resumed = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        history_before, tokens_before = len(resumed.log_history), resumed.num_input_tokens_seen
+        info["resumed_from_step"] = resumed.global_step
+    start = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        save_interrupted(trainer, out_dir, argv)
+        if is_main_process():
+            write_run_info(out_dir, config_record(args), data["files"],
+                           {**info, "status": "interrupted", "interrupted_at_step": trainer.state.global_step})
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    wall = time.perf_counter() - start
+
+    state = trainer.state
+    eval_time = sum(h.get("eval_runtime", 0.0) for h in state.log_history[history_before:])
+    tokens = state.num_input_tokens_seen - tokens_before
+    save_adapter(trainer, base_path, out_dir)
+    best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+    best_step = int(best.split("-")[-1]) if best else None
+    curves = loss_curves(state.log_history)
+    info.update({
+        "status": "done",
+        "peak_memory_gib": round(peak_memory_gib(), 3),
+        "wall_time_s": round(wall, 2),
+        "train_tokens": int(tokens),
+        "train_tokens_per_s": round(tokens / max(wall - eval_time, 1e-9), 1),
+        "world_size": trainer.args.world_size,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "start_val_loss": curves["val"][0]["loss"] if curves["val"] and curves["val"][0]["step"] == 0 else None,
+        "best_val_loss": state.best_metric,
+        "best_checkpoint": f"checkpoints/{best}" if best else None,
+        "best_step": best_step,
+        "stopped_early": state.global_step < state.max_steps,
+        "train_loss": output.training_loss,
+    })
+    if is_main_process():
+        write_json(out_dir / "metrics.json", {**curves, "best_val_loss": state.best_metric, "best_step": best_step})
+        plot_losses(curves, best_step, out_dir / "loss.png")
+        write_run_info(out_dir, config_record(args), data["files"], info)
+        print_summary(info, out_dir)
+    del trainer, model
+    release_memory()
+    return info
+
+
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_summary(info: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"Run {out_dir}", title_justify="left", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key in ("engine", "precision", "start_val_loss", "best_val_loss", "best_checkpoint", "stopped_early",
+                "global_step", "wall_time_s", "train_tokens_per_s", "peak_memory_gib"):
+        value = info.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key.endswith("val_loss") else str(value))
+    console.print(table)
+    if info.get("stopped_early"):
+        console.print("Stopped early: the validation loss stopped improving (see loss.png).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+def trial_args(args: argparse.Namespace, trial: dict[str, Any]) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **trial, "sweep": False, "export": []})
+
+
+def run_trial(args: argparse.Namespace, number: int, trial: dict[str, Any], out_dir: Path, base_path: str,
+              tokenizer: Any, data: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    """A finished trial is read back under --resume; an interrupted one continues from its checkpoint."""
+    trial_dir = out_dir / "sweep" / f"trial-{number}"
+    info_file = trial_dir / "run_info.json"
+    if args.resume and info_file.is_file():
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        if info.get("status") == "done":
+            console.print(f"trial {number}: finished earlier, best val loss {info['best_val_loss']:.4f}")
+            return {**trial, "trial": number, **info}
+    console.rule(f"trial {number}: " + ", ".join(f"{k}={v}" for k, v in trial.items()))
+    resume = args.resume and last_checkpoint(trial_dir) is not None
+    info = train_once(argparse.Namespace(**{**vars(trial_args(args, trial)), "resume": resume}), trial_dir,
+                      base_path, tokenizer, data, argv)
+    return {**trial, "trial": number, **info}
+
+
+def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [dict(zip(TRIAL_KEYS, values, strict=True))
+            for values in itertools.product(args.sweep_lr, args.sweep_epochs, args.sweep_batch_size)]
+
+
+def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
+              argv: list[str]) -> list[dict[str, Any]]:
+    """Each trial a real run with early stopping; the table ranks them by their best validation loss."""
+    sweep_dir = out_dir / "sweep"
+    results = []
+    if args.sweep_optuna_trials:
+        results = optuna_search(args, out_dir, base_path, tokenizer, data, argv)
+    else:
+        for number, trial in enumerate(grid(args), 1):
+            results.append(run_trial(args, number, trial, out_dir, base_path, tokenizer, data, argv))
+    ranked = sorted(results, key=lambda r: r["best_val_loss"])
+    if is_main_process():
+        write_sweep_results(ranked, sweep_dir)
+        best_config = {k: v for k, v in config_record(trial_args(args, {k: ranked[0][k] for k in TRIAL_KEYS})).items()
+                       if k not in NOT_IN_BEST_CONFIG}
+        atomic_write_text(sweep_dir / "best_config.yaml",
+                          "# The best trial's settings; use them with: python finetune.py --config "
+                          f"{sweep_dir / 'best_config.yaml'} --out RUN_DIR\n"
+                          + yaml.safe_dump({"finetune": best_config}, sort_keys=True))
+        console.print(f"Best: trial {ranked[0]['trial']} " + ", ".join(f"{k}={ranked[0][k]}" for k in TRIAL_KEYS)
+                      + ". Final run:")
+        console.print(f"  python finetune.py --config {sweep_dir / 'best_config.yaml'} --out RUN_DIR", soft_wrap=True,
+                      markup=False, highlight=False)
+    return ranked
+
+
+def optuna_search(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
+                  argv: list[str]) -> list[dict[str, Any]]:
+    """TPE over the learning-rate range and the epoch and batch-size choices, seeded; stored in SQLite so that
+    --resume continues the same study."""
+    try:
+        import optuna
+    except ImportError:
+        raise SystemExit("error: --sweep-optuna-trials needs Optuna: pip install optuna") from None
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (out_dir / "sweep").mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(out_dir / 'sweep' / 'optuna.db').resolve()}"
+    if not args.resume and (out_dir / "sweep" / "optuna.db").exists():
+        raise SystemExit(f"error: {out_dir / 'sweep'} holds an earlier Optuna study: pass --resume or another --out")
+    study = optuna.create_study(study_name="finetune", storage=storage, load_if_exists=True, direction="minimize",
+                                sampler=optuna.samplers.TPESampler(seed=args.seed))
+    results = [t.user_attrs["result"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    low, high = min(args.sweep_lr), max(args.sweep_lr)
+
+    def objective(trial: Any) -> float:
+        choice = {
+            "lr": trial.suggest_float("lr", low, high, log=True) if high > low else low,
+            "epochs": trial.suggest_categorical("epochs", args.sweep_epochs),
+            "batch_size": trial.suggest_categorical("batch_size", args.sweep_batch_size),
+        }
+        result = run_trial(argparse.Namespace(**{**vars(args), "resume": False}), trial.number + 1, choice,
+                           out_dir, base_path, tokenizer, data, argv)
+        trial.set_user_attr("result", result)
+        results.append(result)
+        return result["best_val_loss"]
+
+    study.optimize(objective, n_trials=max(0, args.sweep_optuna_trials - len(results)))
+    return results
+
+
+def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
+    columns = ["rank", "trial", *TRIAL_KEYS, "best_val_loss", "best_step", "global_step", "stopped_early",
+               "train_tokens_per_s", "wall_time_s"]
+    rows = [{"rank": i, **{c: r.get(c) for c in columns if c != "rank"}} for i, r in enumerate(ranked, 1)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "results.csv", buffer.getvalue())
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    atomic_write_text(sweep_dir / "results.md",
+                      "# Sweep results, ranked by best validation loss\n\n" + "\n".join(md) + "\n")
+    table = Table(title="Sweep, ranked by best validation loss", title_justify="left")
+    for header in ("rank", "trial", "lr", "epochs", "batch", "best val loss", "best step", "stopped early"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(str(row["rank"]), str(row["trial"]), f"{row['lr']:.3g}", str(row["epochs"]),
+                      str(row["batch_size"]), f"{row['best_val_loss']:.4f}", str(row["best_step"]),
+                      "yes" if row["stopped_early"] else "no")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------
+
+def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:
+    """Merged 16-bit weights, then GGUF files (which need the merged folder) with an Ollama Modelfile."""
+    from howto.export import export_gguf, export_merged
+
+    merged = export_merged(base_path, out_dir, out_dir / "merged")
+    if "gguf" in args.export:
+        template = models.MISTRAL_CHAT_TEMPLATE if models.is_mistral(base_path) else None
+        export_gguf(merged, out_dir / "gguf", args.quant, llama_cpp=args.llama_cpp, chat_template=template)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def announce_model(args: argparse.Namespace) -> None:
+    if args.model is None:
+        args.model = models.default_model()
+        if args.model == "smollm2":
+            console.print("No GPU found: fine-tuning SmolLM2-135M-Instruct on the CPU (--model to choose another).")
+    if args.model == "tiny":
+        console.print("[yellow]--model tiny has random weights: this run tests the pipeline, its losses and "
+                      "scores mean nothing about quality.[/]")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_args(parser, argv, section="finetune")
+    check_args(parser, args)
+    return args
+
+
+def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, list[dict[str, Any]]],
+                    data_dir: Path) -> dict[str, Any]:
+    """Both splits as datasets of input_ids + completion_mask, after refusing records that would train on nothing."""
+    data: dict[str, Any] = {"files": [data_dir / f"{s}.jsonl" for s in REQUIRED_SPLITS]}
+    for split in REQUIRED_SPLITS:
+        encoded = encode_records(tokenizer, records[split])
+        truncated = check_lengths(records[split], encoded, args.max_seq_length)
+        if truncated:
+            console.print(f"[yellow]{truncated} {split} record(s) are longer than --max-seq-length "
+                          f"{args.max_seq_length}: their last steps and end-of-turn token are cut[/]")
+        data[split] = to_dataset(encoded)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    out_dir, data_dir = Path(args.out), Path(args.data)
+
+    records = load_splits(data_dir)  # cheap checks before the slow imports
+    announce_model(args)
+    import_engine(args.engine)
+    import datasets
+
+    datasets.disable_progress_bars()
+    base_path = models.resolve_model(args.model)
+    tokenizer = models.load_tokenizer(base_path)
+    data = tokenize_splits(args, tokenizer, records, data_dir)
+    console.print(f"{base_path} ({args.engine} engine): {len(data['train'])} training and {len(data['val'])} "
+                  f"validation records")
+
+    if args.sweep:
+        run_sweep(args, out_dir, base_path, tokenizer, data, argv)
+        return
+    train_once(args, out_dir, base_path, tokenizer, data, argv)
+    if args.export and is_main_process():
+        export(args, base_path, out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""finetune.py on the tiny random Mistral model, on the CPU: training, early stopping, sweeps, resume, label masks,
+refusals and the TRL settings it relies on.
+
+Runs that use the Unsloth engine go through a subprocess: Unsloth patches transformers, TRL and peft when imported,
+and must not leak into the other tests of this process. hf-engine runs call main(argv) directly.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import finetune
+from howto import chat
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = ["--model", "tiny", "--lora-r", "8", "--lora-alpha", "16", "--max-seq-length", "128", "--grad-accum", "1"]
+
+TASKS = {
+    "reset my password": ["Open the {app} app", "Tap 'Forgot password'", "Enter your email address",
+                          "Open the link in the email", "Set a new password"],
+    "change my phone number": ["Open the {app} app", "Go to 'Profile'", "Tap 'Phone number'", "Enter the new number"],
+    "delete my account": ["Open the {app} app", "Go to 'Settings'", "Tap 'Delete account'", "Confirm with your PIN",
+                          "Tap 'Delete'", "Wait for the confirmation email"],
+    "turn on notifications": ["Open the {app} app", "Go to 'Settings'", "Tap 'Notifications'"],
+    "update my address": ["Open the {app} app", "Go to 'Profile'", "Tap 'Address'", "Enter the new address",
+                          "Tap 'Save'"],
+}
+TRAIN_APPS = ["Shopee", "Tokopedia", "Gojek", "Grab", "Dana", "OVO", "BCA", "Traveloka"]
+VAL_APPS = ["Lazada", "Blibli"]
+
+
+def howto_records(apps: list[str]) -> list[dict]:
+    """The same five tasks in every app: a pattern the tiny model can learn in a few steps."""
+    return [{"prompt": f"How do I {task} in the {app} app?", "response": [s.format(app=app) for s in steps],
+             "category": "apps"} for app in apps for task, steps in TASKS.items()]
+
+
+def write_split(folder: Path, split: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def learnable_data(tmp_path) -> Path:
+    """40 training and 8 validation records of the same how-to pattern (validation in unseen apps)."""
+    folder = tmp_path / "data"
+    write_split(folder, "train", howto_records(TRAIN_APPS))
+    write_split(folder, "val", howto_records(VAL_APPS)[:8])
+    write_split(folder, "test", howto_records(VAL_APPS)[8:])
+    return folder
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    """4 training records of one pattern and 2 validation records of another: training on the first soon stops
+    helping the second, so the validation loss turns up and early stopping has something to catch."""
+    folder = tmp_path / "small"
+    write_split(folder, "train", [
+        {"prompt": f"How do I reset my password in the {app} app?",
+         "response": [f"Open the {app} app", "Tap 'Forgot password'", "Enter your email address",
+                      "Open the link in the email"]} for app in TRAIN_APPS[:4]])
+    write_split(folder, "val", [
+        {"prompt": f"How do I bake bread number {i}?",
+         "response": ["Mix flour water yeast and salt", "Knead for ten minutes", "Let it rise for two hours",
+                      "Bake at 220 degrees"]} for i in range(2)])
+    return folder
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+            "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200"}
+
+
+def run_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def trainer_state(out: Path, step: int) -> dict:
+    return read_json(out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json")
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training through the CLI, Unsloth engine
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_unsloth_training_lowers_validation_loss(learnable_data, tmp_path, tiny_model):
+    out = tmp_path / "run"
+    result = run_cli(["--data", str(learnable_data), "--out", str(out), *TINY, "--epochs", "2", "--lr", "2e-2",
+                      "--batch-size", "8"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "random weights" in result.stdout and "mean nothing about quality" in result.stdout
+
+    info = read_json(out / "run_info.json")
+    assert info["status"] == "done" and info["engine"] == "unsloth" and info["model_name"] == "tiny"
+    assert info["base_model"] == tiny_model
+    assert info["start_val_loss"] - info["best_val_loss"] > 0.3, info  # clearly learned the pattern
+    assert info["best_checkpoint"] == f"checkpoints/checkpoint-{info['best_step']}" and not info["stopped_early"]
+    assert info["precision"] in ("bf16", "fp32") and info["precision_reason"]
+    assert info["train_tokens"] > 0 and info["train_tokens_per_s"] > 0 and info["peak_memory_gib"] > 0.1
+    assert info["wall_time_s"] > 0 and info["data_sha256"] and info["versions"]["unsloth"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 2e-2
+
+    adapter = read_json(out / "adapter_config.json")
+    assert adapter["r"] == 8 and sorted(adapter["target_modules"]) == sorted(PROJECTIONS)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.model.v3").is_file()
+
+    metrics = read_json(out / "metrics.json")
+    assert [p["step"] for p in metrics["val"]] == [0, 5, 10]
+    assert metrics["best_val_loss"] == pytest.approx(info["best_val_loss"])
+    evals = [h["eval_loss"] for h in trainer_state(out, 10)["log_history"] if "eval_loss" in h]
+    assert evals == pytest.approx([p["loss"] for p in metrics["val"]])
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overfitting: early stopping keeps the best adapter, not the last
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_early_stopping_stops_and_keeps_the_best_checkpoint(small_data, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--epochs", "20",
+                   "--lr", "5e-2", "--batch-size", "4", "--patience", "1"])
+    info = read_json(out / "run_info.json")
+    assert info["stopped_early"] and info["global_step"] < info["max_steps"] == 20
+    best_step = info["best_step"]
+    last = trainer_state(out, info["global_step"])
+    assert last["global_step"] == info["global_step"] < 20
+    val = {h["step"]: h["eval_loss"] for h in last["log_history"] if "eval_loss" in h and h["step"] > 0}
+    assert min(val, key=val.get) == best_step
+    assert [step for step in val if step > best_step] == [info["global_step"]]  # patience 1: one worse evaluation
+
+    final, best, latest = (adapter_tensors(out), adapter_tensors(out / "checkpoints" / f"checkpoint-{best_step}"),
+                           adapter_tensors(out / "checkpoints" / f"checkpoint-{info['global_step']}"))
+    assert final.keys() == best.keys()
+    assert all((final[k] == best[k]).all() for k in final)
+    assert any((final[k] != latest[k]).any() for k in final)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_grid_sweep_ranks_its_trials_and_writes_a_reusable_best_config(small_data, tmp_path):
+    out = tmp_path / "sweep-run"
+    finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--sweep",
+                   "--sweep-lr", "1e-4,3e-2", "--sweep-epochs", "1,2", "--sweep-batch-size", "4"])
+    with open(out / "sweep" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    losses = [float(r["best_val_loss"]) for r in rows]
+    assert losses == sorted(losses) and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    assert sorted((float(r["lr"]), int(r["epochs"])) for r in rows) == [(1e-4, 1), (1e-4, 2), (3e-2, 1), (3e-2, 2)]
+    for row in rows:  # each trial is a real run of its own
+        info = read_json(out / "sweep" / f"trial-{row['trial']}" / "run_info.json")
+        assert info["best_val_loss"] == pytest.approx(float(row["best_val_loss"]))
+        assert (info["max_steps"], info["status"]) == (int(row["epochs"]), "done")
+    assert "| rank |" in (out / "sweep" / "results.md").read_text()
+
+    best = yaml.safe_load((out / "sweep" / "best_config.yaml").read_text())["finetune"]
+    assert (best["lr"], best["epochs"]) == (float(rows[0]["lr"]), int(rows[0]["epochs"]))
+    assert "out" not in best and "sweep" not in best
+    args = finetune.parse(["--config", str(out / "sweep" / "best_config.yaml"), "--out", str(tmp_path / "final")])
+    assert (args.lr, args.epochs, args.engine, args.data) == (best["lr"], best["epochs"], "hf", str(small_data))
+
+
+def test_optuna_sweep_is_seeded_and_resume_continues_the_study(small_data, tmp_path):
+    out = tmp_path / "optuna-run"
+    flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--sweep", "--sweep-lr",
+             "1e-4,3e-2", "--sweep-epochs", "1", "--sweep-batch-size", "4"]
+    finetune.main([*flags, "--sweep-optuna-trials", "1"])
+    first = read_json(out / "sweep" / "trial-1" / "run_info.json")
+    with pytest.raises(SystemExit, match="holds an earlier Optuna study: pass --resume"):
+        finetune.main([*flags, "--sweep-optuna-trials", "2"])
+    finetune.main([*flags, "--sweep-optuna-trials", "2", "--resume"])
+    assert read_json(out / "sweep" / "trial-1" / "run_info.json") == first  # the finished trial is kept, not rerun
+    with open(out / "sweep" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["trial"] for r in rows) == ["1", "2"]
+    assert float(rows[0]["best_val_loss"]) <= float(rows[1]["best_val_loss"])
+    first_lr = yaml.safe_load((out / "sweep" / "trial-1" / "config.yaml").read_text())["lr"]
+    assert all(1e-4 <= float(r["lr"]) <= 3e-2 for r in rows)
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=3407))  # --seed's default
+    assert study.ask().suggest_float("lr", 1e-4, 3e-2, log=True) == pytest.approx(first_lr)  # seeded: reproducible
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C and --resume
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(small_data, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--lr", "1e-2",
+             "--batch-size", "2", "--patience", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags, "--epochs", "50"], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == finetune.INTERRUPTED_EXIT, output[-3000:]
+    assert "Interrupted at step" in output and "--resume" in output
+    info = read_json(out / "run_info.json")
+    stopped = info["interrupted_at_step"]
+    assert info["status"] == "interrupted" and 2 <= stopped < 12, info
+    saved = trainer_state(out, stopped)
+    assert saved["global_step"] == stopped
+
+    result = run_cli([*flags, "--epochs", "6", "--resume"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{stopped}'}" in result.stdout.replace("\n", "")
+    info = read_json(out / "run_info.json")
+    assert info["resumed_from_step"] == stopped and info["global_step"] == 12 and info["status"] == "done"
+    history = trainer_state(out, 12)["log_history"]
+    assert history[: len(saved["log_history"])] == saved["log_history"]  # the interrupted run's history, kept
+    resumed_steps = [h["step"] for h in history[len(saved["log_history"]):] if "loss" in h]
+    assert resumed_steps == list(range(stopped + 1, 13))  # training went on from the saved step, not from 0
+
+
+def test_resume_without_a_checkpoint_and_reuse_of_a_run_folder_are_refused(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="no checkpoint in .*checkpoints to continue from"):
+        finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run: pass --resume"):
+        finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The label mask, token by token, for both engines
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_trainer(argv: list[str]) -> tuple:
+    """The trainer finetune.py would train with, built by its own functions, and the tokenizer it was given."""
+    from howto import models
+
+    args = finetune.parse(argv)
+    finetune.import_engine(args.engine)
+    records = finetune.load_splits(Path(args.data))
+    base = models.resolve_model(args.model)
+    tokenizer = models.load_tokenizer(base)
+    data = finetune.tokenize_splits(args, tokenizer, records, Path(args.data))
+    precision, _ = finetune.choose_precision(args.engine)
+    model = finetune.load_model(args, base, precision)
+    return finetune.build_trainer(model, tokenizer, data["train"], data["val"], args, Path(args.out), precision), \
+        tokenizer
+
+
+def collated_batch(argv: list[str]) -> dict:
+    """The batch the trainer's data collator makes of the whole training split."""
+    trainer, _ = build_trainer(argv)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    return {k: batch[k].tolist() for k in ("input_ids", "labels", "attention_mask")}
+
+
+@pytest.mark.parametrize("engine", ["hf", "unsloth"])
+def test_labels_cover_the_assistant_steps_only(engine, learnable_data, tmp_path, mistral_tokenizer):
+    argv = ["--data", str(learnable_data), "--out", str(tmp_path / "run"), *TINY, "--engine", engine]
+    if engine == "hf":
+        batch = collated_batch(argv)
+    else:  # Unsloth patches the libraries it is imported before: its own process
+        code = ("import unsloth, json, sys; sys.path.insert(0, 'tests'); from test_finetune import collated_batch; "
+                f"print('BATCH=' + json.dumps(collated_batch({argv!r})))")
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        batch = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("BATCH="))[6:])
+
+    tok = mistral_tokenizer
+    expected = {}  # Mistral's format, restated: the prompt's tokens, then the steps' tokens and </s>
+    for record in howto_records(TRAIN_APPS):
+        prompt = chat.prompt_ids(tok, record["prompt"])
+        steps = list(tok.encode(chat.render_steps(record["response"]), add_special_tokens=False))
+        expected[tuple(prompt + steps + [tok.eos_token_id])] = (record, len(prompt))
+    assert len(batch["input_ids"]) == len(expected)
+    width = len(batch["input_ids"][0])
+    seen = set()
+    for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        n = sum(attention)
+        record, prompt_len = expected[tuple(ids[:n])]
+        seen.add(tuple(ids[:n]))
+        assert labels[:prompt_len] == [-100] * prompt_len  # no prompt token is trained on
+        assert labels[prompt_len:n] == ids[prompt_len:n]  # every assistant token is
+        assert labels[n - 1] == ids[n - 1] == tok.eos_token_id == 2  # including the final </s>
+        steps_text = tok.decode(labels[prompt_len:n], skip_special_tokens=True).strip()
+        assert steps_text == chat.render_steps(record["response"])
+        assert labels[n:] == [-100] * (width - n) and attention[n:] == [0] * (width - n)
+    assert len(seen) == len(expected)
+    assert min(sum(a) for a in batch["attention_mask"]) < width  # the batch had padding to check
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals and clear errors
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_records_that_would_train_on_nothing_are_refused_by_name(tmp_path, capsys):
+    folder = tmp_path / "data"
+    long_steps = [f"Step number {i} of a very long procedure with many words" for i in range(20)]
+    write_split(folder, "train", howto_records(TRAIN_APPS[:2])[:3]
+                + [{"prompt": "How do I do a long thing?", "response": long_steps}])
+    long_prompt = "How do I " + "really " * 80 + "reset my password?"
+    write_split(folder, "val", [howto_records(VAL_APPS)[0], {"prompt": long_prompt, "response": ["Open the app"]}])
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--data", str(folder), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"])
+    message = str(exc.value)
+    assert "1 record(s) would train on no token" in message
+    assert f"{folder / 'val.jsonl'}:2 (val)" in message and "How do I really really" in message
+    assert "1 train record(s) are longer than --max-seq-length 128" in capsys.readouterr().out.replace("\n", " ")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--engine", "deepspeed"], "argument --engine: invalid choice: 'deepspeed'"),
+    (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--sweep", "--sweep-lr", "0,1e-4"], "--sweep-lr needs one or more values, each > 0"),
+    (["--sweep-epochs", "1,one"], "--sweep-epochs: a comma-separated list has a bad value"),
+])
+def test_bad_flags_are_refused(flags, message, learnable_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--data", str(learnable_data), "--out", str(tmp_path / "run"), *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_empty_or_broken_splits_name_the_file(learnable_data, tmp_path):
+    base = ["--out", str(tmp_path / "run"), *TINY, "--engine", "hf"]
+    with pytest.raises(SystemExit, match="no such folder"):
+        finetune.main(["--data", str(tmp_path / "nowhere"), *base])
+    (learnable_data / "val.jsonl").unlink()
+    with pytest.raises(SystemExit, match=f"{learnable_data / 'val.jsonl'}: not found"):
+        finetune.main(["--data", str(learnable_data), *base])
+    (learnable_data / "val.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match=f"{learnable_data / 'val.jsonl'}: the val split is empty"):
+        finetune.main(["--data", str(learnable_data), *base])
+    write_split(learnable_data, "train", [howto_records(TRAIN_APPS)[0], {"prompt": "How?", "response": "Open it"}])
+    with pytest.raises(SystemExit, match=f"{learnable_data / 'train.jsonl'}:2: field 'response'"):
+        finetune.main(["--data", str(learnable_data), *base])
+
+
+def test_cli_error_exits_non_zero_and_names_the_file(tmp_path):
+    result = run_cli(["--data", str(tmp_path), "--out", str(tmp_path / "run"), *TINY])
+    assert result.returncode == 1
+    assert f"{tmp_path / 'train.jsonl'}: not found" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings that users of Unsloth and TRL keep tripping on
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_precision_is_bf16_where_the_gpu_has_it_else_fp16(bf16, expected, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if not bf16 else "NVIDIA A100")
+    for engine in ("unsloth", "hf"):
+        precision, why = finetune.choose_precision(engine)
+        assert precision == expected
+        assert ("no bfloat16" in why and "Tesla T4" in why) if not bf16 else "supports bfloat16" in why
+
+
+def test_precision_on_a_cpu_is_full_for_the_hf_engine(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert finetune.choose_precision("hf")[0] == "fp32"
+
+
+def test_no_gpu_means_smollm2_and_says_so(monkeypatch, capsys):
+    from howto import models
+
+    monkeypatch.setattr(models, "has_cuda", lambda: False)
+    args = argparse.Namespace(model=None)
+    finetune.announce_model(args)
+    assert args.model == "smollm2"
+    assert "No GPU found" in capsys.readouterr().out
+
+
+def test_trl_api_pin(learnable_data, tmp_path):
+    """The SFTConfig and SFTTrainer keywords this script passes: a TRL rename fails here, not in a user's run."""
+    import inspect
+
+    from trl import SFTConfig, SFTTrainer
+
+    argv = ["--data", str(learnable_data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"]
+    kwargs = finetune.sft_config_kwargs(finetune.parse(argv), tmp_path / "run", "fp32", epoch_steps=20)
+    config = SFTConfig(**kwargs)  # an unknown keyword is a TypeError
+    for key in ("max_length", "completion_only_loss", "packing", "eval_strategy", "load_best_model_at_end",
+                "metric_for_best_model", "include_num_input_tokens_seen", "eval_on_start", "warmup_steps",
+                "gradient_checkpointing"):
+        assert getattr(config, key) == kwargs[key], key
+    assert (config.max_length, config.completion_only_loss) == (128, True)
+    assert (config.eval_strategy, config.save_strategy) == ("epoch", "epoch")
+    assert (config.lr_scheduler_type, config.optim) == ("linear", "adamw_torch")
+    assert "processing_class" in inspect.signature(SFTTrainer.__init__).parameters
+
+    trainer, tokenizer = build_trainer(argv)  # SFTTrainer(..., processing_class=tokenizer)
+    assert isinstance(trainer, SFTTrainer) and trainer.processing_class is tokenizer
+    assert trainer.args.max_length == 128 and trainer.args.completion_only_loss
+    assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id  # Mistral's <pad> is no vocabulary entry
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes: accelerate on the hf engine
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_accelerate_launches_two_processes_on_cpu(small_data, tmp_path):
+    """Two gloo processes on the CPU. `accelerate launch --cpu` would run a single process (its simple launcher);
+    `--multi_gpu` is the multi-process launcher, and with no GPU visible it uses gloo on the CPU."""
+    out = tmp_path / "run"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
+         "--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--epochs", "1", "--lr", "1e-2",
+         "--batch-size", "1"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    info = read_json(out / "run_info.json")
+    assert info["world_size"] == 2
+    assert info["global_step"] == 2  # 4 records / (1 per process x 2 processes)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()

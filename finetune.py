@@ -188,6 +188,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--export exports a final run: run the sweep's best_config.yaml without --sweep to export it")
     if "gguf" in args.export and not args.quant:
         parser.error("--export gguf needs at least one --quant type")
+    if "gguf" in args.export:
+        from howto.export import quant_ftype
+
+        for quant in args.quant:
+            try:
+                quant_ftype(quant)  # a typo fails now, not after hours of training
+            except ValueError as e:
+                parser.error(f"--quant: {e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

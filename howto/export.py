@@ -200,7 +200,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, quants: list[str], 
         raise ValueError("no quantization type asked for: give at least one of q4_k_m, q8_0, f16")
     quants = list(dict.fromkeys(q.strip().lower() for q in quants))
     for quant in quants:
-        _ftype(quant)  # fail on a typo before the slow conversion
+        quant_ftype(quant)  # fail on a typo before the slow conversion
     if not (merged_dir / "config.json").is_file():
         raise FileNotFoundError(f"{merged_dir}: no config.json; export the merged model first (export_merged)")
     llama_dir = llama_cpp_dir(llama_cpp)
@@ -377,7 +377,7 @@ def _quantizer_name(llama_dir: Path) -> str:
     return str(binary) if binary else f"llama-cpp-python {metadata.version('llama-cpp-python')} (llama_model_quantize)"
 
 
-def _ftype(quant: str) -> int:
+def quant_ftype(quant: str) -> int:
     """llama.cpp's file type for a quant name such as q4_k_m; the installed binding knows the full list."""
     import llama_cpp
 
@@ -404,7 +404,7 @@ def quantize(llama_dir: Path, src: Path, dst: Path, quant: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(quant)
+    params.ftype = quant_ftype(quant)
     params.nthread = threads
     log = logging.getLogger("llama-cpp-python")  # the binding echoes llama.cpp's per-tensor log at this level
     level = log.level

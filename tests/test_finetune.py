@@ -345,6 +345,7 @@ def test_records_that_would_train_on_nothing_are_refused_by_name(tmp_path, capsy
     (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
     (["--sweep", "--sweep-lr", "0,1e-4"], "--sweep-lr needs one or more values, each > 0"),
     (["--sweep-epochs", "1,one"], "--sweep-epochs: a comma-separated list has a bad value"),
+    (["--export", "gguf", "--quant", "q4_k_n"], "--quant: unknown quantization type 'q4_k_n'"),
 ])
 def test_bad_flags_are_refused(flags, message, learnable_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -49,7 +49,7 @@ TRIAL_KEYS = ("lr", "epochs", "batch_size")
 # Flags that describe where and how a run is launched rather than what it trains; a sweep's best config leaves
 # them out so that it can be reused for a final run anywhere.
 NOT_IN_BEST_CONFIG = {"out", "config", "sweep", "sweep_lr", "sweep_epochs", "sweep_batch_size",
-                      "sweep_optuna_trials", "resume", "export", "quant", "llama_cpp"}
+                      "sweep_optuna_trials", "resume", "export", "export_only", "quant", "llama_cpp"}
 INTERRUPTED_EXIT = 130
 
 
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="QLoRA fine-tuning of a chat model (Mistral-7B-Instruct-v0.3 by default) on how-to steps.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="folder written by prepare_data.py --out (train.jsonl, val.jsonl)")
+    p.add_argument("--data", help="folder written by prepare_data.py --out (train.jsonl, val.jsonl); required "
+                                  "unless --export-only")
     p.add_argument("--out", required=True, help="run folder: adapter, checkpoints/, run_info.json, loss.png, exports")
     p.add_argument("--model", default=None,
                    help="hub id or local folder of a causal LM, or 'mistral' / 'smollm2' / 'tiny' (random weights, "
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", nargs="+", default=[], choices=("merged", "gguf"),
                    help="after training, also write merged 16-bit weights (OUT/merged) and/or GGUF files for "
                         "llama.cpp with an Ollama Modelfile (OUT/gguf; implies merged)")
+    p.add_argument("--export-only", action="store_true",
+                   help="no training: export the adapter already in OUT (a finished run), e.g. on a machine with "
+                        "more memory than the one that trained it")
     p.add_argument("--quant", default="q4_k_m",
                    help="comma-separated GGUF types, e.g. q4_k_m,q8_0,f16; q4_k_m is the usual size/quality balance")
     p.add_argument("--llama-cpp", default=None,
@@ -155,6 +159,8 @@ def as_list(value: Any, cast: Callable[[str], Any]) -> list[Any]:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse settings that would fail hours later or train on nothing, with the flag's name."""
     checks = [
+        (args.data is not None or args.export_only, "--data is required (the folder prepare_data.py wrote)"),
+        (bool(args.export) or not args.export_only, "--export-only needs --export merged and/or gguf"),
         (args.lr > 0, "--lr must be > 0"),
         (args.epochs >= 1, "--epochs must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
@@ -875,6 +881,14 @@ def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
 # Export
 # ---------------------------------------------------------------------------------------------------------------
 
+def finished_run_base(out_dir: Path) -> str:
+    """The base model a finished run trained, from its run_info.json, for --export-only."""
+    info = out_dir / "run_info.json"
+    if not (out_dir / "adapter_model.safetensors").is_file() or not info.is_file():
+        sys.exit(f"--export-only: {out_dir} holds no finished run (adapter_model.safetensors and run_info.json)")
+    return json.loads(info.read_text(encoding="utf-8"))["base_model"]
+
+
 def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:
     """Merged 16-bit weights, then GGUF files (which need the merged folder) with an Ollama Modelfile."""
     from howto.export import export_gguf, export_merged
@@ -923,8 +937,11 @@ def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str,
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    out_dir, data_dir = Path(args.out), Path(args.data)
-
+    out_dir = Path(args.out)
+    if args.export_only:
+        export(args, finished_run_base(out_dir), out_dir)
+        return
+    data_dir = Path(args.data)
     records = load_splits(data_dir)  # cheap checks before the slow imports
     announce_model(args)
     import_engine(args.engine)

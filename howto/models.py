@@ -182,7 +182,9 @@ def load_tokenizer(model: str) -> Any:
 def load_for_generation(model: str, adapter: str | None = None, four_bit: bool | None = None) -> tuple[Any, Any]:
     """A model ready to answer prompts: 4-bit NF4 on a GPU by default, full precision on a CPU.
 
-    With `adapter`, the LoRA weights are applied on top of the base model through peft.
+    With `adapter`, the LoRA weights are applied on top of the base model through peft. On full-precision weights
+    they are merged in, since an unmerged adapter runs every projection twice (generation about 3x slower on a CPU);
+    on 4-bit weights they stay apart, since merging into quantized weights rounds the adapter away.
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -204,6 +206,8 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, adapter)
+        if not four_bit:
+            lm = lm.merge_and_unload()
     lm.eval()
     tokenizer = load_tokenizer(path)
     return lm, tokenizer

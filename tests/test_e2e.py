@@ -31,13 +31,17 @@ def test_prepare_finetune_evaluate_on_tiny_model(tmp_path, tiny_model):
     assert "example.com" not in everything and "4111" not in everything  # the bundled fake PII is gone
 
     proc = run("finetune.py", "--data", str(data), "--out", str(run_dir), "--model", "tiny", "--epochs", "2",
-               "--batch-size", "8", "--grad-accum", "1", "--lr", "2e-3", "--max-seq-length", "256",
-               "--export", "gguf", "--quant", "q8_0")
+               "--batch-size", "8", "--grad-accum", "1", "--lr", "2e-3", "--max-seq-length", "256")
     assert "mean nothing" in proc.stdout + proc.stderr  # the tiny model says its numbers are not about quality
     assert (run_dir / "adapter_model.safetensors").exists()
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["data_sha256"] and info["versions"]["unsloth"] and info["engine"] == "unsloth"
-    assert list((run_dir / "gguf").glob("*.gguf")) and (run_dir / "gguf" / "Modelfile").exists()
+    assert info["best_val_loss"] < json.loads((run_dir / "metrics.json").read_text())["val"][0]["loss"]
+
+    run("finetune.py", "--out", str(run_dir), "--export-only", "--export", "gguf", "--quant", "q8_0")
+    assert (run_dir / "merged" / "model.safetensors").exists()
+    assert [p.name for p in (run_dir / "gguf").glob("*.gguf")] == ["model-q8_0.gguf"]
+    assert "FROM ./model-q8_0.gguf" in (run_dir / "gguf" / "Modelfile").read_text()
 
     run("evaluate.py", "--data", str(data), "--base", "tiny", "--finetuned", str(run_dir), "--out", str(eval_dir),
         "--bertscore-model", "minilm", "--limit", "8", "--max-new-tokens", "24")

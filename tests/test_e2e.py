@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from howto.metrics import METRICS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,4 +57,11 @@ def test_prepare_finetune_evaluate_on_tiny_model(tmp_path, tiny_model):
                 assert isinstance(row[key], float) and math.isfinite(row[key])
     assert "BERTScore" in report and "order" in report.lower()
     assert (eval_dir / "report.html").stat().st_size > 1000
-    assert metrics
+    assert metrics["baseline"] == "base" and metrics["n_examples"] == 8
+    comparison = metrics["comparisons"]["finetuned"]
+    for metric in METRICS:
+        for system in ("base", "finetuned"):
+            assert metric in metrics["systems"][system]["means"]
+        assert metric in comparison
+    f1 = comparison["bertscore_f1"]
+    assert f1["n"] == 8 and f1["ci_low"] <= f1["delta"] <= f1["ci_high"] and 0 <= f1["p_value"] <= 1

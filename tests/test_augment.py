@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from chat_server import chat_server
 from howto.augment import augment, parse_answer
 from howto.llm import ChatClient, LLMError
 
@@ -26,19 +25,15 @@ RECORDS = [
 ]
 
 
-class ChatServer(ThreadingHTTPServer):
-    """Answers POST /v1/chat/completions like an OpenAI-compatible server; `script` holds answers to give first."""
+class ScriptedLLM:
+    """Writes the records asked for, numbered by request; `script` holds (status, content) answers to give first."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.url = ""
         self.requests: list[dict] = []
         self.script: list[tuple[int, str]] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def answer(self, body: dict) -> tuple[int, str]:
+    def __call__(self, body: dict) -> tuple[int, str]:
         if self.script:
             return self.script.pop(0)
         user = body["messages"][-1]["content"]
@@ -51,33 +46,11 @@ class ChatServer(ThreadingHTTPServer):
         return 200, json.dumps({"records": records})
 
 
-class ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
-                                     "body": body})
-        status, content = self.server.answer(body)
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def server():
-    srv = ChatServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    llm = ScriptedLLM()
+    with chat_server(llm) as (llm.url, llm.requests):
+        yield llm
 
 
 @pytest.fixture

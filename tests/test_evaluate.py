@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+from chat_server import chat_server
 from howto.metrics import METRICS
 
 RECORDS = [
@@ -235,35 +236,20 @@ def test_gguf_is_fed_the_canonical_prompt_ids(smollm2_model):
 # 1-5 ratings wired into the run
 # ---------------------------------------------------------------------------------------------------------------------
 
+def steps_judge(body: dict) -> str:
+    """Gives 5 to an answer with steps and 1 to one without, on every criterion."""
+    user = body["messages"][-1]["content"]
+    scores = {}
+    for label, text in re.findall(r'<output id="(\w)">\n(.*?)\n</output>', user, re.DOTALL):
+        score = 1 if text == "(no steps)" else 5
+        scores[label] = {"rationale": "ok", "correctness": score, "completeness": score, "clarity": score}
+    return json.dumps(scores)
+
+
 @pytest.fixture
 def judge_url():
-    """A chat-completions server on loopback whose judge gives 5 to an answer with steps and 1 to one without."""
-    import http.server
-    import threading
-
-    class Judge(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            user = body["messages"][-1]["content"]
-            scores = {}
-            for label, text in re.findall(r'<output id="(\w)">\n(.*?)\n</output>', user, re.DOTALL):
-                score = 1 if text == "(no steps)" else 5
-                scores[label] = {"rationale": "ok", "correctness": score, "completeness": score, "clarity": score}
-            answer = {"choices": [{"message": {"role": "assistant", "content": json.dumps(scores)}}]}
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with chat_server(steps_judge) as (url, _):
+        yield url
 
 
 def test_ratings_go_into_metrics_and_report(tmp_path, judge_url, monkeypatch):

@@ -4,15 +4,17 @@ from __future__ import annotations
 import csv
 import json
 import random
+import itertools
 import re
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 
 import prepare_data as pd
+from chat_server import chat_server
 from howto.chat import encode_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,21 +403,14 @@ def test_config_file_sets_the_flags(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- 6. augmentation
-class ChatServer(ThreadingHTTPServer):
-    """An OpenAI-compatible chat-completions endpoint on loopback that writes records for the asked category."""
+def augmenting_llm() -> Callable[[dict], str]:
+    """An LLM that writes records for the asked category: one of them invalid, one with an email to redact."""
+    calls = itertools.count(1)
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), ChatHandler)
-        self.requests: list[dict] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def answer(self, body: dict) -> str:
+    def answer(body: dict) -> str:
         user = body["messages"][-1]["content"]
         n = int(re.search(r"Write (\d+)", user).group(1))
-        k = len(self.requests)
+        k = next(calls)
         if "paraphrases" in user:
             return json.dumps({"records": [{"prompt": f"Could you explain, request {k} variant {i}?"}
                                            for i in range(n)]})
@@ -426,47 +421,26 @@ class ChatServer(ThreadingHTTPServer):
         records[-1] = {"prompt": "One step is not a how-to?", "response": ["Just do it."]}
         return json.dumps({"records": records})
 
-
-class ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
-                                     "body": body})
-        content = self.server.answer(body)
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
+    return answer
 
 
 @pytest.fixture
-def chat_server():
-    server = ChatServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def llm_server():
+    with chat_server(augmenting_llm()) as (url, received):
+        yield SimpleNamespace(url=url, requests=received)
 
 
-def test_augmentation_fills_thin_categories_through_the_full_pipeline(tmp_path, chat_server, monkeypatch):
+def test_augmentation_fills_thin_categories_through_the_full_pipeline(tmp_path, llm_server, monkeypatch):
     monkeypatch.setenv("AUG_KEY", "sk-test-not-logged-123")
     records = distinct_records("shopping", 24) + distinct_records("health_fitness", 4)
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out, "--augment", "--augment-url",
-                   chat_server.url, "--augment-model", "test-model", "--augment-key-env", "AUG_KEY",
+                   llm_server.url, "--augment-model", "test-model", "--augment-key-env", "AUG_KEY",
                    "--thin-threshold", "16", "--augment-max-requests", "3") == 0
-    assert len(chat_server.requests) == 3  # 12 records wanted: 5 new, 5 paraphrases, 2 new
-    assert chat_server.requests[0]["path"] == "/v1/chat/completions"
-    assert chat_server.requests[0]["authorization"] == "Bearer sk-test-not-logged-123"
-    assert chat_server.requests[0]["body"]["model"] == "test-model"
+    assert len(llm_server.requests) == 3  # 12 records wanted: 5 new, 5 paraphrases, 2 new
+    assert llm_server.requests[0]["path"] == "/v1/chat/completions"
+    assert llm_server.requests[0]["authorization"] == "Bearer sk-test-not-logged-123"
+    assert llm_server.requests[0]["body"]["model"] == "test-model"
 
     written = all_records(out)
     augmented = [r for r in written if r.get("source") == "augmented"]

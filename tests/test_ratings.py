@@ -1,19 +1,17 @@
 """1-5 ratings: the LLM judge against a real chat-completions server on loopback, and the human rating sheet."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import re
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
+from chat_server import chat_server
 from howto.chat import render_steps
 from howto.llm import ChatClient
 from howto.ratings import (CRITERIA, RUBRIC, RUBRIC_ANCHORS, RatingsError, judge_outputs, read_ratings,
@@ -24,45 +22,6 @@ MARKER = "Double-check"  # the scripted judge prefers whichever output contains 
 BASE, TUNED = "sys_base_model", "sys_tuned_model"
 SHEET_COLUMNS = ["item_id", "prompt", "reference", "output_A", "output_B", "A_correctness", "A_completeness",
                  "A_clarity", "B_correctness", "B_completeness", "B_clarity", "rater"]
-
-
-# --- a real OpenAI-compatible server on 127.0.0.1 --------------------------------------------------------------------
-
-@contextlib.contextmanager
-def chat_server(answer: Callable[[dict[str, Any]], str]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """Serve POST /v1/chat/completions with scripted answers; yields the base URL and the requests received."""
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            if self.path != "/v1/chat/completions":
-                self.send_error(404)
-                return
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append({"authorization": self.headers.get("Authorization"), "body": body})
-            payload = json.dumps({
-                "id": f"chatcmpl-{len(received)}", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": answer(body)}}],
-            }).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def shown_outputs(body: dict[str, Any]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from rich.progress import track
 from rich.table import Table
 
 from howto.augment import augment
-from howto.chat import encode_example, parse_steps
+from howto.chat import encode_example, parse_steps, strip_numbering
 from howto.llm import ChatClient, LLMError
 from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
 from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, write_json, write_jsonl, write_run_info
@@ -306,7 +306,7 @@ def check_steps(steps: Any, field: str, present: bool) -> list[str]:
             raise RecordError(f"{field}[{k}]", "empty step")
     if len(steps) == 1:
         raise RecordError(field, "only one step: a how-to answer needs at least two")
-    return [s.strip() for s in steps]
+    return strip_numbering([s.strip() for s in steps])
 
 
 def steps_from_text(text: Any, field: str, present: bool) -> Any:

@@ -42,6 +42,18 @@ _STEP_PREFIX = re.compile(
 _PREAMBLE = re.compile(r"(?:here are|here's|follow these|the steps|steps to|to do this|:\s*$)", re.IGNORECASE)
 
 
+_NUMBERED = re.compile(r"^\s*(?:step\s*)?(\d+)\s*[.):]\s+", re.IGNORECASE)
+
+
+def strip_numbering(steps: list[str]) -> list[str]:
+    """Drop numbers that a dataset wrote into its steps ("1. Open", "Step 2: Tap"), which render_steps would number
+    again. Only when every step carries the next number 1, 2, 3...: a lone "5: wait" may be part of the text."""
+    matches = [_NUMBERED.match(step) for step in steps]
+    if all(m and int(m.group(1)) == i for i, m in enumerate(matches, 1)):
+        return [step[m.end():].strip() for step, m in zip(steps, matches)]
+    return steps
+
+
 def _parse_json_list(text: str) -> list[str] | None:
     start, end = text.find("["), text.rfind("]")
     if start < 0 or end <= start:

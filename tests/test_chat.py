@@ -8,7 +8,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from howto.chat import SYSTEM_PROMPT, encode_example, parse_steps, prompt_ids, render_steps
+from howto.chat import SYSTEM_PROMPT, encode_example, parse_steps, prompt_ids, render_steps, strip_numbering
 from howto.models import load_tokenizer, mistral_tokenizer_file
 
 CONVERSATIONS = [
@@ -83,3 +83,14 @@ def test_parse_steps(text, expected):
 def test_render_then_parse_round_trip():
     steps = ["Open the app", "Tap 'Settings' (top right)", "Choose 2. option"]
     assert parse_steps(render_steps(steps)) == steps
+
+
+@pytest.mark.parametrize("steps,expected", [
+    (["1. Open the app", "2. Tap login"], ["Open the app", "Tap login"]),
+    (["Step 1: Open", "Step 2: Tap", "step 3) Done"], ["Open", "Tap", "Done"]),
+    (["5: wait five minutes", "Tap login"], ["5: wait five minutes", "Tap login"]),  # not a numbering
+    (["1. Open", "3. Tap"], ["1. Open", "3. Tap"]),  # not consecutive: left alone
+    (["Open the app", "Tap login"], ["Open the app", "Tap login"]),
+])
+def test_strip_numbering_only_removes_a_real_enumeration(steps, expected):
+    assert strip_numbering(steps) == expected

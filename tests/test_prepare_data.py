@@ -234,6 +234,15 @@ def test_normalisation_flags_change_the_written_records(tmp_path):
     assert read_split(tmp_path / "b", "train")[0]["prompt"] == "How do I Reset my PIN, quickly?"
 
 
+def test_numbering_written_into_the_steps_is_dropped(tmp_path):
+    records = distinct_records("streaming", 5)
+    records[0]["response"] = ["1. Open the app", "2. Tap 'Profile'", "3. Tap 'Sign out'"]
+    prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", tmp_path / "a", "--split", "1,0,0", "--keep-case")
+    written = {r["prompt"]: r["response"] for r in read_split(tmp_path / "a", "train")}
+    assert written[pd.normalize_text(records[0]["prompt"], lowercase=False)] == ["Open the app", "Tap Profile",
+                                                                                 "Tap Sign out"]
+
+
 # ------------------------------------------------------------------------------------------------------ 3. PII
 PLANTED = ["maria.lopez@example.com", "+44 20 7946 0958", "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32",
            "192.168.10.24", "https://admin:hunter2@files.example.com/share"]

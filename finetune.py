@@ -535,6 +535,14 @@ def eval_table_callback() -> Any:
             if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
                 return
             self.add(state.global_step, state.epoch or 0.0, float(metrics["eval_loss"]))
+            epoch, step, train, val, best = self.rows[-1]
+            console.print(f"evaluation at step {step} (epoch {epoch}): train loss {train or '-'}, "
+                          f"val loss {val}, best {best}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            """The whole history once, at the end: one table rather than one per evaluation in a log."""
+            if not state.is_world_process_zero or not self.rows:
+                return
             table = Table(title="Evaluation on the validation split (* = new best)", title_justify="left")
             for column in ("epoch", "step", "train loss", "val loss", "best val loss"):
                 table.add_column(column, justify="right")

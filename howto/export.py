@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -97,18 +98,15 @@ OLLAMA_CHAT = {
 def export_merged(base_model: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float16") -> Path:
     """Fold the LoRA adapter into the base weights and save a plain transformers folder (safetensors).
 
-    The base is loaded unquantized on the CPU, never in 4-bit: merging into 4-bit weights rounds the sum back onto
-    the 4-bit grid and loses most of what the adapter learned, so a QLoRA adapter is merged into the original 16-bit
-    model (Unsloth's pre-quantized repo is mapped back to it). fp16 is the default because llama.cpp converts from it
-    without loss; peft computes the LoRA product in fp32 on the CPU and rounds the sum once. A 7B model needs about
-    15 GB of RAM here. Mistral folders get the tokenizer files and chat template that llama.cpp and transformers
-    both read, so the folder stands alone. The folder is built beside `out_dir` and renamed into place, replacing an
-    older export only once the new one is complete.
+    The adapter is merged into the original 16-bit weights, never into 4-bit ones: merging into 4-bit weights rounds
+    the sum back onto the 4-bit grid and loses most of what the adapter learned, so a QLoRA adapter goes into the
+    full-precision model (Unsloth's pre-quantized repo is mapped back to it). The merge streams the base model's
+    safetensors shards one at a time, W + (alpha / r) * B @ A computed in fp32 and rounded once, so a 7B model needs
+    the RAM of one shard (about 5 GB), not of the whole model (15 GB, more than a free Colab has). fp16 is the
+    default because llama.cpp converts from it without loss. Mistral folders get the tokenizer files and chat
+    template that llama.cpp and transformers both read, so the folder stands alone. The folder is built beside
+    `out_dir` and renamed into place, replacing an older export only once the new one is complete.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if dtype not in MERGED_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(MERGED_DTYPES)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -116,31 +114,82 @@ def export_merged(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter folder")
     if base_model in FULL_PRECISION:
         console.print(f"merging into {FULL_PRECISION[base_model]}, the full-precision model behind {base_model}")
-    base = resolve_model(FULL_PRECISION.get(base_model, base_model))
-    method = _quant_method(AutoConfig.from_pretrained(base).to_dict())
+    base = _local_weights(resolve_model(FULL_PRECISION.get(base_model, base_model)))
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    method = _quant_method(config)
     if method not in (None, "gguf"):
         raise ValueError(f"{base} is a quantized checkpoint ({method}): merge into the full-precision base model "
                          "instead, merging into quantized weights loses the adapter's precision")
-
-    console.print(f"merging {adapter_dir} into {base} ({dtype})")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    if method == "gguf":  # transformers dequantized a GGUF on load (SmolLM2): plain weights, a stale quantizer
-        model.hf_quantizer = None
-        del model.config.quantization_config
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    mistral = is_mistral(base) or (adapter_dir / "tokenizer.model.v3").is_file()
+    config.pop("quantization_config", None)  # a folder transformers dequantized from a GGUF (SmolLM2) still names it
+    config.update({key: dtype for key in ("dtype", "torch_dtype") if key in config} or {"dtype": dtype})
+    mistral = is_mistral(str(base)) or (adapter_dir / "tokenizer.model.v3").is_file()
+    console.print(f"merging {adapter_dir} into {base} ({dtype}, one shard at a time)")
 
     def build(folder: Path) -> None:
-        model.save_pretrained(folder)
+        _merge_lora_shards(base, adapter_dir, folder, dtype)
+        (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        for name in ("generation_config.json", "model.safetensors.index.json"):
+            if (base / name).is_file():
+                shutil.copy(base / name, folder / name)
         if mistral:
-            _save_mistral_tokenizer(folder, [adapter_dir, Path(base)])
+            _save_mistral_tokenizer(folder, [adapter_dir, base])
         else:
-            tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
+            tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
             load_tokenizer(str(tokenizer_source)).save_pretrained(folder)
 
     _replace_dir(out_dir, build)
     console.print(f"merged model written to {out_dir}")
     return out_dir
+
+
+def _local_weights(model: str) -> Path:
+    """The folder holding a model's safetensors: the path itself, or the hub snapshot, downloaded once."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.safetensors", "*.json", "tokenizer*"]))
+
+
+def _lora_factors(adapter_dir: Path) -> tuple[float, dict[str, tuple[Any, Any]]]:
+    """The LoRA scale (alpha / r) and, per base weight name, its (A, B) factors, for plain LoRA adapters as
+    finetune.py trains them; other peft variants are refused rather than merged wrongly."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if cfg.get(k)]
+    if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ValueError(f"{adapter_dir}: only plain LoRA adapters are merged here, this one uses "
+                         f"{', '.join(unsupported) or cfg.get('peft_type')}")
+    scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    factors = {key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"):
+               (a, tensors[key.replace(".lora_A.", ".lora_B.")]) for key, a in tensors.items() if ".lora_A." in key}
+    if not factors:
+        raise ValueError(f"{adapter_dir}: the adapter holds no LoRA weights")
+    return scale, factors
+
+
+def _merge_lora_shards(base: Path, adapter_dir: Path, folder: Path, dtype: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(base.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{base}: no safetensors weights to merge into")
+    scale, factors = _lora_factors(adapter_dir)
+    target = getattr(torch, dtype)
+    for shard in shards:
+        weights = load_file(str(shard))
+        for name, weight in weights.items():
+            if name in factors:  # W + scale * B @ A in fp32, one weight at a time, rounded once
+                a, b = factors.pop(name)
+                weight = weight.to(torch.float32).addmm_(b.to(torch.float32), a.to(torch.float32), alpha=scale)
+            weights[name] = weight.to(target).contiguous()
+        save_file(weights, str(folder / shard.name), metadata={"format": "pt"})
+        del weights
+    if factors:
+        raise ValueError(f"{adapter_dir}: {len(factors)} adapted weights are not in {base}, e.g. {next(iter(factors))}")
 
 
 def _quant_method(config: dict[str, Any]) -> str | None:

@@ -109,6 +109,36 @@ def test_merged_folder_matches_base_plus_adapter(tiny_model, adapter, merged, id
     assert AutoTokenizer.from_pretrained(merged).eos_token_id == 2
 
 
+def test_sharded_base_merges_shard_by_shard_like_a_single_file(tmp_path, tiny_model, adapter, ids, reference):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from howto.export import export_merged
+    from howto.models import save_mistral_tokenizer
+
+    base = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).save_pretrained(base, max_shard_size="2MB")
+    save_mistral_tokenizer(base)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 2
+    out = export_merged(str(base), adapter, tmp_path / "merged")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    with safe_open(out / shards[-1], "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    np.testing.assert_allclose(_logits(out, ids), reference, atol=1e-5)
+
+
+def test_adapters_that_are_not_plain_lora_are_refused(tmp_path, tiny_model, adapter):
+    from howto.export import export_merged
+
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="only plain LoRA adapters are merged here, this one uses use_dora"):
+        export_merged(tiny_model, dora, tmp_path / "merged")
+
+
 def test_gguf_logits_match_merged_model(ggufs, merged, tiny_model, ids, reference):
     base = _logits(tiny_model, ids)
     scale = reference.std()

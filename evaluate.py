@@ -37,8 +37,8 @@ from rich.table import Table
 from howto.chat import SYSTEM_PROMPT, decode_answer, parse_steps, prompt_ids, render_steps
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, LOWER_IS_BETTER, METRICS, MINILM, BertScore, BertScoreUnavailable,
                            StepEncoder, mean_defined, paired_comparison, score_examples)
-from howto.runio import (atomic_write_bytes, atomic_write_text, hash_files, parse_args, write_json, write_jsonl,
-                         write_run_info)
+from howto.runio import (atomic_write_bytes, atomic_write_text, hash_files, parse_args, read_jsonl_lines, write_json,
+                         write_jsonl, write_run_info)
 
 console = Console(stderr=True)
 
@@ -107,18 +107,14 @@ def test_file(data: str) -> Path:
 
 
 def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    try:
+        rows = read_jsonl_lines(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for lineno, record in rows:
         if not isinstance(record, dict):
             raise SystemExit(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append((lineno, record))
-    return records
+    return rows
 
 
 def _steps_field(value: Any, where: str, field: str) -> list[str]:

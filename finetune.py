@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from howto import chat, models
-from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, read_jsonl, write_json, write_run_info
+from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, read_jsonl_lines, write_json, write_run_info
 
 REQUIRED_SPLITS = ("train", "val")
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -208,25 +208,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 
-def record_lines(path: Path) -> list[int]:
-    """Line numbers of the records in a JSONL file (blank lines hold none), so errors can point at a line."""
-    with open(path, encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
-
-
 def load_split(data_dir: Path, split: str) -> list[dict[str, Any]]:
     """One split's records with their file and line; anything unusable is an error naming file, line and field."""
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found; --data must be the folder that prepare_data.py --out wrote")
     try:
-        rows = read_jsonl(path)
+        rows = read_jsonl_lines(path)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if not rows:
         raise SystemExit(f"error: {path}: the {split} split is empty; it needs at least one record")
     records = []
-    for line, row in zip(record_lines(path), rows, strict=True):
+    for line, row in rows:
         where = f"{path}:{line}"
         if not isinstance(row, dict):
             raise SystemExit(f"error: {where}: expected a JSON object with 'prompt' and 'response'")

@@ -55,15 +55,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a broken line is reported with file and line, never skipped."""
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, value) of each record of a JSONL file, so later errors can name the line too; a broken line
+    is reported with file, line and column, never skipped."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     return rows

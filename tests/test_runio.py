@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from howto.runio import atomic_write_text, hash_files, parse_args, read_jsonl, write_run_info
+from howto.runio import atomic_write_text, hash_files, parse_args, read_jsonl_lines, write_run_info
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -55,9 +55,11 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
 def test_read_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "a.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert read_jsonl_lines(path) == [(1, {"a": 1}), (3, {"a": 2})]  # blank lines hold no record but count
     path.write_text('{"a": 1}\n{"a": 2,,}\n')
-    with pytest.raises(ValueError, match=r"a\.jsonl:2:"):
-        read_jsonl(path)
+    with pytest.raises(ValueError, match=r"a\.jsonl:2:9: invalid JSON"):
+        read_jsonl_lines(path)
 
 
 def test_run_info_records_config_versions_and_data_hash(tmp_path):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
 from howto import models  # noqa: E402
-from howto.runio import library_versions, write_json  # noqa: E402
+from howto.runio import atomic_dir, library_versions, write_json  # noqa: E402
 
 ENGINES = ("unsloth", "hf")
 TARGET_SPEEDUP = 1.8
@@ -86,7 +86,7 @@ def build_full_size_model() -> str:
         models.save_mistral_tokenizer(folder)
         (folder / "README.md").write_text("Mistral-7B-v0.3 architecture with RANDOM weights, for benchmarks only.\n")
 
-    return str(models._atomic_build(models.cache_dir() / "mistral-7b-arch-random", build))
+    return str(atomic_dir(models.cache_dir() / "mistral-7b-arch-random", build))
 
 
 def synthetic_dataset(vocab: int, n: int, seq_len: int) -> Any:

@@ -28,10 +28,10 @@ from rich.table import Table
 
 from howto.chat import SYSTEM_PROMPT
 from howto.models import (
-    MISTRAL_CHAT_TEMPLATE, UNSLOTH_4BIT, atomic_build, cache_dir, is_mistral, load_tokenizer, resolve_model,
+    MISTRAL_CHAT_TEMPLATE, UNSLOTH_4BIT, cache_dir, is_mistral, load_tokenizer, resolve_model,
     save_mistral_tokenizer,
 )
-from howto.runio import atomic_write_text, library_versions, write_json
+from howto.runio import atomic_dir, atomic_write_text, library_versions, write_json
 
 console = Console(stderr=True)
 
@@ -137,7 +137,7 @@ def export_merged(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
             tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
             load_tokenizer(str(tokenizer_source)).save_pretrained(folder)
 
-    _replace_dir(out_dir, build)
+    atomic_dir(out_dir, build, replace=True)
     console.print(f"merged model written to {out_dir}")
     return out_dir
 
@@ -212,24 +212,6 @@ def _save_mistral_tokenizer(folder: Path, sources: list[Path]) -> None:
         shutil.copy(own, folder / "tokenizer.model")
     config = {**MISTRAL_TOKENIZER_CONFIG, "chat_template": MISTRAL_CHAT_TEMPLATE}
     atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
-def _replace_dir(target: Path, build: Any) -> None:
-    """Build a folder beside `target`, then swap it in, so a crash never leaves a half export under its name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # a model folder, readable like any other, not mkdtemp's private 0700
-    old = target.parent / f"{tmp.name}-old"
-    try:
-        build(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,7 +299,7 @@ def llama_cpp_dir(explicit: str | Path | None = None) -> Path:
             raise FileNotFoundError(f"{source}={given}: no {CONVERTER} there; point it at a llama.cpp checkout")
         return path
     version = metadata.version("llama-cpp-python")
-    return atomic_build(cache_dir() / f"llama.cpp-{version}", lambda folder: _unpack_sdist(version, folder))
+    return atomic_dir(cache_dir() / f"llama.cpp-{version}", lambda folder: _unpack_sdist(version, folder))
 
 
 def download_sdist(version: str, dest: Path) -> Path:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from howto.runio import atomic_dir
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
 UNSLOTH_4BIT = {DEFAULT_MODEL: "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"}
@@ -68,24 +69,6 @@ def mistral_tokenizer_file() -> Path:
     if spec is None or spec.origin is None:
         raise RuntimeError("mistral-common is not installed: pip install -r requirements.txt")
     return Path(spec.origin).parent / "data" / MISTRAL_V3_FILE
-
-
-def atomic_build(target: Path, build: Any) -> Path:
-    """Build a folder beside its target and rename it into place, so an interrupted build is never taken whole."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def save_mistral_tokenizer(folder: Path) -> None:
@@ -148,9 +131,9 @@ def resolve_model(name: str | None) -> str:
     """A model name as a local folder (tiny and smollm2 are built into the cache once) or a hub id."""
     name = name or default_model()
     if name == "tiny":
-        return str(atomic_build(cache_dir() / "tiny-mistral", build_tiny_model))
+        return str(atomic_dir(cache_dir() / "tiny-mistral", build_tiny_model))
     if name == "smollm2":
-        return str(atomic_build(cache_dir() / "smollm2-135m-instruct", build_smollm2))
+        return str(atomic_dir(cache_dir() / "smollm2-135m-instruct", build_smollm2))
     return ALIASES.get(name, name)
 
 
@@ -170,7 +153,7 @@ def load_tokenizer(model: str) -> Any:
         try:
             return MistralCommonBackend.from_pretrained(model)
         except OSError:
-            folder = atomic_build(cache_dir() / "mistral-v3-tokenizer",
+            folder = atomic_dir(cache_dir() / "mistral-v3-tokenizer",
                                   lambda f: shutil.copy(mistral_tokenizer_file(), f / "tokenizer.model.v3"))
             return MistralCommonBackend.from_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(model)

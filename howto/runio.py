@@ -6,11 +6,12 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -24,6 +25,34 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def atomic_dir(target: str | Path, build: Callable[[Path], Any], replace: bool = False) -> Path:
+    """Build a folder beside `target` and rename it into place, so an interrupted build never sits under its name.
+
+    Without `replace`, an existing target is kept as it is (a cache built once; when two processes build it at the
+    same time, the first rename wins). With `replace`, a finished build swaps out the old folder (an export).
+    """
+    target = Path(target)
+    if target.exists() and not replace:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # readable like any other folder, not mkdtemp's private 0700
+    old = target.parent / f"{tmp.name}-old"
+    try:
+        build(tmp)
+        if replace and target.exists():
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same cache first
+            if replace or not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from howto.runio import atomic_write_text, hash_files, parse_args, read_jsonl_lines, write_run_info
+from howto.runio import atomic_dir, atomic_write_text, hash_files, parse_args, read_jsonl_lines, write_run_info
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -72,3 +73,28 @@ def test_run_info_records_config_versions_and_data_hash(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {"epochs": 3}
     data.write_text('{"prompt": "y"}\n')
     assert hash_files([data]) != info["data_sha256"]
+
+
+def test_atomic_dir_keeps_a_cache_replaces_an_export_and_never_leaves_half_a_folder(tmp_path):
+    target = tmp_path / "model"
+
+    def build(text):
+        return lambda folder: (folder / "weights").write_text(text)
+
+    assert atomic_dir(target, build("v1")) == target
+    atomic_dir(target, build("v2"))  # a cache: built once, kept
+    assert (target / "weights").read_text() == "v1"
+    atomic_dir(target, build("v3"), replace=True)  # an export: the new build replaces the old one
+    assert (target / "weights").read_text() == "v3"
+
+    def crash(folder):
+        (folder / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_dir(target, crash, replace=True)
+    assert (target / "weights").read_text() == "v3"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual folder mode, not mkdtemp's private 0700

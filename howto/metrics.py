@@ -305,13 +305,3 @@ def paired_comparison(a: Sequence[float | None], b: Sequence[float | None], n_re
     result.update(mean_a=float(xa.mean()), mean_b=float(xb.mean()), delta=float(diff.mean()),
                   ci_low=low, ci_high=high, p_value=wilcoxon_p(diff))
     return result
-    xa, xb = np.array(pairs).T
-    diff = xb - xa
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(n_resamples, len(diff)))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    p_value = 1.0 if np.all(diff == 0) else float(wilcoxon(diff).pvalue)
-    result.update(mean_a=float(xa.mean()), mean_b=float(xb.mean()), delta=float(diff.mean()),
-                  ci_low=float(low), ci_high=float(high), p_value=p_value)
-    return result

@@ -1,8 +1,10 @@
-"""Run bookkeeping shared by the three scripts: atomic writes, YAML configs, and what every run records."""
+"""Run bookkeeping shared by the three scripts: how a run fails, atomic writes, YAML configs, figures and tables,
+and what every run records."""
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import platform
@@ -19,6 +21,76 @@ TRACKED_PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo",
     "xformers", "bert-score", "mistral-common", "llama-cpp-python", "gguf", "rich", "datasketch",
 )
+
+
+class RunError(SystemExit):
+    """A run that cannot go on (bad input, a setting that cannot work): `error: MESSAGE` on stderr, exit code 1.
+
+    A SystemExit, so a script needs no handler of its own and no traceback is printed; str() is the message
+    without the prefix. Usage errors stay argparse's (exit code 2).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """Fail before any slow work when an output folder cannot be written: a file, or a folder without write access."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{flag} {out}: is a file, not a folder")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise RunError(f"{flag} {out}: {parent} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".write-check-", dir=parent)).rmdir()
+    except OSError as e:
+        raise RunError(f"{flag} {out}: cannot write in {parent} ({e.strerror})") from None
+    return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: figures go to files, never to a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig: Any, dpi: int = 100, tight: bool = False) -> bytes:
+    """A figure as PNG bytes, and the figure closed. No `Software` tag, so the same figure gives the same bytes."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight" if tight else None)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def markdown_table(header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> str:
+    """A GitHub Markdown table; `|` and line breaks inside cells are escaped so that a cell never breaks a row."""
+    def cells(row: Iterable[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |"
+
+    header = list(header)
+    return "\n".join([cells(header), "|" + "---|" * len(header), *map(cells, rows)])
 
 
 def _umask() -> int:
@@ -152,31 +224,82 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
 
     Keys are flag names with dashes or underscores (`learning_rate` or `learning-rate`). One file can serve a whole
     run: top-level keys (`model`, `seed`...) apply to every script that has such a flag, and a mapping named after a
-    script (`prepare_data:`, `finetune:`, `evaluate:`) applies to that script alone and wins. A key in a script's
-    own mapping that names none of its flags is an error, so a typo there never goes unnoticed.
+    script (`prepare_data:`, `finetune:`, `evaluate:`) applies to that script alone and wins. A config value goes
+    through the same conversion and checks as the flag on the command line (types, choices, `"no"` for a switch),
+    and a key that names no flag of any script is an error, so a typo never goes unnoticed.
     """
     parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
     pre, _ = config_only.parse_known_args(argv)
     if pre.config:
-        try:
-            loaded = yaml.safe_load(Path(pre.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            parser.error(f"--config {pre.config}: {e}")
-        if not isinstance(loaded, dict):
-            parser.error(f"--config {pre.config}: expected a mapping of setting: value")
-        known = {a.dest for a in parser._actions} - {"help", "config"}
-        shared = {str(k).replace("-", "_"): v for k, v in loaded.items() if not isinstance(v, dict)}
-        scoped = loaded.get(section) if section else None
-        defaults = {k: v for k, v in shared.items() if k in known}
-        for key, value in (scoped if isinstance(scoped, dict) else {}).items():
-            dest = str(key).replace("-", "_")
-            if dest not in known:
-                parser.error(f"--config {pre.config}: unknown setting {key!r} under {section}:")
-            defaults[dest] = value
+        defaults = config_defaults(parser, Path(pre.config), section)
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a required flag is satisfied by the config
             if action.dest in defaults:
                 action.required = False
     return parser.parse_args(argv)
+
+
+SCRIPTS = ("prepare_data", "finetune", "evaluate")
+TRUE_WORDS, FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | None) -> dict[str, Any]:
+    """The settings of a YAML config that apply to this parser's script, converted and checked as flags are."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"--config {path}: {e}")
+    if not isinstance(loaded, dict):
+        parser.error(f"--config {path}: expected a mapping of setting: value")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    settings = {}
+    for key, value in loaded.items():
+        if key in SCRIPTS:
+            if not isinstance(value, dict | None):
+                parser.error(f"--config {path}: {key}: expected a mapping of setting: value")
+            continue
+        dest = str(key).replace("-", "_")
+        if dest in actions:
+            settings[dest] = value
+        elif dest != "config" and dest not in other_scripts_settings(section):
+            parser.error(f"--config {path}: unknown setting {key!r} (no script has such a flag)")
+    for key, value in (loaded.get(section) or {}).items() if section else ():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            parser.error(f"--config {path}: unknown setting {key!r} under {section}:")
+        settings[dest] = value
+    try:
+        return {dest: convert(parser, actions[dest], value) for dest, value in settings.items()}
+    except (argparse.ArgumentError, ValueError) as e:
+        parser.error(f"--config {path}: {e}")
+
+
+def other_scripts_settings(section: str | None) -> set[str]:
+    """Settings of the scripts other than `section`: a top-level key any of them has is meant for that one."""
+    import importlib
+
+    names: set[str] = set()
+    for script in SCRIPTS:
+        if script != section:
+            names |= {a.dest for a in importlib.import_module(script).build_parser()._actions}
+    return names
+
+
+def convert(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:
+    """A config value as the flag's own parsing would give it; a YAML list stands for a comma-separated value."""
+    if value is None:
+        return None
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    if action.nargs == 0:  # a switch: YAML true/false, or the words YAML 1.1 reads as such
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word not in TRUE_WORDS | FALSE_WORDS:
+            raise ValueError(f"{flag}: expected true or false, got {value!r}")
+        return word in TRUE_WORDS
+    if action.nargs in (None, "?"):
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        return parser._get_values(action, [text])
+    return parser._get_values(action, [str(v) for v in (value if isinstance(value, list) else [value])])

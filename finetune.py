@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from howto import chat, models
+from howto.models import choose_precision
 from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, read_jsonl_lines, write_json, write_run_info
 
 REQUIRED_SPLITS = ("train", "val")
@@ -288,34 +289,6 @@ def import_engine(engine: str) -> None:
                              "pip install -r requirements.txt, or use --engine hf") from None
 
 
-def choose_precision(engine: str) -> tuple[str, str]:
-    """bf16 where the hardware has it, fp16 with loss scaling where it does not (a T4), and why.
-
-    bf16 has fp32's range, so it needs no loss scaling and never overflows; fp16 on a GPU without bf16 is the only
-    fast half precision there. Forcing bf16 on a T4 fails or crawls: the trap users of Unsloth keep reporting.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{name} supports bfloat16 (fp32's range, no loss scaling)"
-        return "fp16", f"{name} has no bfloat16 (compute capability < 8.0, e.g. a T4): float16 with loss scaling"
-    if engine == "unsloth":
-        from unsloth_zoo.cpu.runtime import cpu_bf16_supported
-
-        if cpu_bf16_supported():
-            return "bf16", "CPU with native bfloat16 (Unsloth's CPU fallback uses it)"
-        return "fp32", "CPU without native bfloat16 (Unsloth's CPU fallback trains in float32)"
-    return "fp32", "CPU: the hf engine trains in full precision"
-
-
-def torch_dtype(precision: str) -> Any:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 def sharded_launch() -> bool:
     """FSDP and DeepSpeed place the weights themselves; a device map would fight them."""
     return any(os.environ.get(v, "").lower() in ("1", "true")
@@ -328,7 +301,7 @@ def load_unsloth(args: argparse.Namespace, path: str, precision: str) -> Any:
 
     weights = models.UNSLOTH_4BIT.get(path, path) if args.load_in_4bit else path
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=weights, max_seq_length=args.max_seq_length, dtype=torch_dtype(precision),
+        model_name=weights, max_seq_length=args.max_seq_length, dtype=models.torch_dtype(precision),
         load_in_4bit=args.load_in_4bit,
     )
     return FastLanguageModel.get_peft_model(
@@ -342,21 +315,16 @@ def load_hf(args: argparse.Namespace, path: str, precision: str) -> Any:
     """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper), full precision on a CPU."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    dtype = torch_dtype(precision)
+    dtype = models.torch_dtype(precision)
     four_bit = args.load_in_4bit and cuda
     if args.load_in_4bit and not cuda:
         console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if four_bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # FSDP shards flat tensors of one dtype, so the packed 4-bit weights are stored in the compute dtype.
-            bnb_4bit_quant_storage=dtype if sharded_launch() else torch.uint8,
-        )
+        kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
     if cuda and not sharded_launch():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -738,18 +706,8 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         write_run_info(out_dir, config_record(args), data["files"], info)
         print_summary(info, out_dir)
     del trainer, model
-    release_memory()
+    models.free_memory()
     return info
-
-
-def release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def print_summary(info: dict[str, Any], out_dir: Path) -> None:
@@ -885,10 +843,10 @@ def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
 
 def finished_run_base(out_dir: Path) -> str:
     """The base model a finished run trained, from its run_info.json, for --export-only."""
-    info = out_dir / "run_info.json"
-    if not (out_dir / "adapter_model.safetensors").is_file() or not info.is_file():
+    info = models.read_run_info(out_dir) if (out_dir / "adapter_model.safetensors").is_file() else {}
+    if not info:
         sys.exit(f"--export-only: {out_dir} holds no finished run (adapter_model.safetensors and run_info.json)")
-    return json.loads(info.read_text(encoding="utf-8"))["base_model"]
+    return info["base_model"]
 
 
 def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:

@@ -11,12 +11,13 @@ Names:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from howto.runio import atomic_dir
+from howto.runio import RunError, atomic_dir
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
 UNSLOTH_4BIT = {DEFAULT_MODEL: "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"}
@@ -162,6 +163,80 @@ def load_tokenizer(model: str) -> Any:
     return tokenizer
 
 
+def choose_precision(engine: str = "hf") -> tuple[str, str]:
+    """bf16 where the hardware has it, fp16 with loss scaling where it does not (a T4), and why.
+
+    bf16 has fp32's range, so it needs no loss scaling and never overflows; fp16 on a GPU without bf16 is the only
+    fast half precision there. Forcing bf16 on a T4 fails or crawls: the trap users of Unsloth keep reporting. On a
+    CPU the hf engine runs in full precision; Unsloth's CPU fallback uses bf16 where the CPU has it.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{name} supports bfloat16 (fp32's range, no loss scaling)"
+        return "fp16", f"{name} has no bfloat16 (compute capability < 8.0, e.g. a T4): float16 with loss scaling"
+    if engine == "unsloth":
+        from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+
+        if cpu_bf16_supported():
+            return "bf16", "CPU with native bfloat16 (Unsloth's CPU fallback uses it)"
+        return "fp32", "CPU without native bfloat16 (Unsloth's CPU fallback trains in float32)"
+    return "fp32", "CPU: the hf engine trains in full precision"
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def compute_dtype() -> Any:
+    """The torch dtype a plain transformers model computes in here (choose_precision's choice for the hf engine)."""
+    return torch_dtype(choose_precision("hf")[0])
+
+
+def nf4_config(dtype: Any, storage: Any = None) -> Any:
+    """The QLoRA paper's 4-bit weights: NF4, double-quantized, computing in `dtype`.
+
+    `storage` is the dtype the packed weights are kept in (uint8 by default); FSDP shards flat tensors of one dtype,
+    so under FSDP they are stored in the compute dtype.
+    """
+    from transformers import BitsAndBytesConfig
+
+    extra = {"bnb_4bit_quant_storage": storage} if storage is not None else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, **extra)
+
+
+def read_run_info(path: str | Path) -> dict[str, Any]:
+    """finetune.py's run_info.json for a run folder, or for a file or folder inside one (merged/, gguf/x.gguf);
+    {} when there is none. A run_info.json without `base_model` (prepare_data's) is not a training run's."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "run_info.json", folder.parent / "run_info.json"):
+        if candidate.is_file():
+            try:
+                info = json.loads(candidate.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise RunError(f"{candidate}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            if isinstance(info, dict) and "base_model" in info:
+                return info
+    return {}
+
+
+def free_memory() -> None:
+    """Drop what a finished model held before the next one loads: two 7B models need not share a GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_for_generation(model: str, adapter: str | None = None, four_bit: bool | None = None) -> tuple[Any, Any]:
     """A model ready to answer prompts: 4-bit NF4 on a GPU by default, full precision on a CPU.
 
@@ -169,18 +244,13 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
     they are merged in, since an unmerged adapter runs every projection twice (generation about 3x slower on a CPU);
     on 4-bit weights they stay apart, since merging into quantized weights rounds the adapter away.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     cuda = has_cuda()
     four_bit = cuda if four_bit is None else four_bit
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else
-                              (torch.float16 if cuda else torch.float32)}
+    kwargs: dict[str, Any] = {"dtype": compute_dtype()}
     if four_bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"],
-        )
+        kwargs["quantization_config"] = nf4_config(kwargs["dtype"])
     if cuda:
         kwargs["device_map"] = "auto"
     path = resolve_model(model)

@@ -4,7 +4,7 @@ Every problem names the file and line (and the column of a JSON syntax error), s
 prepare_data.py reads raw inputs in all three formats; finetune.py and evaluate.py read the JSONL splits it wrote
 through `read_clean`. The reference steps are called `response` everywhere, as in the specification.
 
-A clean record: {"prompt": str, "response": [str, str, ...], "category": str[, "source": str]}.
+A clean record: {"prompt": str, "response": [str, str, ...], "category": str[, "source": str][, "extraction": str]}.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from howto.runio import RunError
 SUFFIXES = (".json", ".jsonl", ".csv")
 UNCATEGORIZED = "uncategorized"
 FIELDS = {
-    "json": {"prompt", "response", "category", "source"},
-    "alpaca": {"instruction", "input", "output", "category", "source"},
-    "csv": {"prompt", "steps", "response", "category", "source"},
+    "json": {"prompt", "response", "category", "source", "extraction"},
+    "alpaca": {"instruction", "input", "output", "category", "source", "extraction"},
+    "csv": {"prompt", "steps", "response", "category", "source", "extraction"},
 }
 
 
@@ -275,9 +275,10 @@ def to_record(raw: Raw) -> tuple[dict[str, Any], set[str]]:
         steps = check_steps(data.get("response"), "response", "response" in data)
     record: dict[str, Any] = {"prompt": prompt, "response": steps,
                               "category": optional_label(data, "category") or UNCATEGORIZED}
-    source = optional_label(data, "source")
-    if source:
-        record["source"] = source
+    for label in ("source", "extraction"):  # provenance: where the record came from, how it was extracted
+        value = optional_label(data, label)
+        if value:
+            record[label] = value
     return record, set(data) - FIELDS[kind]
 
 

@@ -1,0 +1,150 @@
+"""How much of the machine a LoRA training run uses: FLOPs per token, the peak, MFU and padding waste.
+
+Training FLOPs of a decoder-only causal LM (Llama / Mistral shape: grouped-query attention, gated MLP), counted
+as nanoGPT's `estimate_mfu` and PaLM's appendix B count them: a multiply-add is 2 FLOPs, the attention scores and
+the weighted sum over the full T x T matrix (the causal mask does not halve it), norms and activations left out.
+Per token of a sequence of length T, with N the weights of every matrix multiply (lm_head included, the input
+embedding lookup not), d the attention width (heads x head_dim), L the layers and P the LoRA adapters' weights:
+
+    forward             2N + 2P + 4LdT
+    backward (LoRA)     2N + 4P + 8LdT   frozen weights need gradients for their inputs only (1x their forward),
+                                         the adapters for their inputs and weights (2x), attention for both inputs
+    recomputation       2N' + 2P + 4LdT  gradient checkpointing runs each decoder layer forward again
+                                         (N' = N without lm_head, which is not checkpointed)
+
+so 4N + 6P + 12LdT per token without checkpointing (a full fine-tune would be nanoGPT's 6N + 12LdT).
+tests/test_flops.py checks these counts against torch's own FlopCounterMode on a real model.
+
+MFU is the achieved model FLOP/s (useful tokens only, recomputation left out, as PaLM defines it) over the peak
+FLOP/s of the precision the run computes in; HFU counts the recomputation too. The peak is the GPU's rated dense
+figure for the GPUs below, and on a CPU a dense matmul of the same dtype measured on the spot, on the threads the
+run uses: a ratio taken on a busy machine is then partly robust, since both sides slow down. Padding tokens count
+as waste, apart: the hardware computes them, the model learns nothing from them.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+# Rated dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets and architecture whitepapers:
+# T4 datasheet (65 FP16 mixed precision, 8.1 FP32); A100 datasheet (312 BF16/FP16, 19.5 FP32); H100 datasheet
+# (SXM 989 BF16/FP16, 67 FP32; PCIe 756, 51); H200 datasheet (989, 67: the H100 SXM chip); L4 datasheet (121, 30.3);
+# Ampere GA102 whitepaper, RTX 3090 (71 FP16/BF16 with FP32 accumulate, 35.6 FP32); Ada whitepaper, RTX 4090
+# (165.2 with FP32 accumulate, 82.6 FP32). The T4 has no bf16; fp32 figures are the CUDA cores' without TF32.
+GPU_PEAK_TFLOPS = {
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+}
+PEAK_MATMUL_SIZE = 1024  # large enough to run at the kernels' full rate, small enough to time in a second on 2 cores
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a Llama/Mistral-style decoder that its FLOPs depend on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def attention_width(self) -> int:
+        return self.heads * self.head_dim
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(inputs, outputs) of each linear layer in one decoder layer, by the names LoRA targets."""
+        h, q, kv, m = self.hidden, self.attention_width, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+
+    def layer_weights(self) -> int:
+        """Weights of every matrix multiply in the decoder layers (lm_head apart)."""
+        return self.layers * sum(i * o for i, o in self.projections().values())
+
+    def lm_head_weights(self) -> int:
+        return self.hidden * self.vocab
+
+
+def shape_of(config: Any) -> Shape:
+    """A transformers config (LlamaConfig, MistralConfig, Qwen2Config ...) as the sizes FLOPs depend on."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                 intermediate=config.intermediate_size, vocab=config.vocab_size)
+
+
+def lora_weights(shape: Shape, rank: int, targets: Sequence[str]) -> int:
+    """Weights of the LoRA adapters: A (inputs x r) and B (r x outputs) on each targeted projection of each layer."""
+    projections = shape.projections()
+    return shape.layers * sum(rank * sum(projections[t]) for t in targets if t in projections)
+
+
+def training_flops(shape: Shape, lengths: Sequence[int], rank: int, targets: Sequence[str],
+                   checkpointing: bool = False) -> float:
+    """FLOPs of one forward and backward pass of LoRA training over sequences of these (unpadded) lengths."""
+    n, n_layers, p = shape.layer_weights() + shape.lm_head_weights(), shape.layer_weights(), \
+        lora_weights(shape, rank, targets)
+    tokens = sum(lengths)
+    attention = 4 * shape.layers * shape.attention_width * sum(t * t for t in lengths)  # forward, per the T x T
+    total = (4 * n + 6 * p) * tokens + 3 * attention
+    if checkpointing:
+        total += (2 * n_layers + 2 * p) * tokens + attention
+    return float(total)
+
+
+def padding_waste(lengths: Sequence[int], padded_tokens: int) -> float:
+    """Share of the computed token positions that were padding."""
+    return 1.0 - sum(lengths) / padded_tokens if padded_tokens else 0.0
+
+
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    """A known GPU's rated dense peak for the precision, in FLOP/s; None for a GPU not in the table."""
+    for model in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if re.search(rf"\b{re.escape(model)}\b", name):
+            tflops = GPU_PEAK_TFLOPS[model].get(precision)
+            return tflops * 1e12 if tflops else None
+    return None
+
+
+def measured_peak_flops(precision: str, seconds: float = 1.0, size: int = PEAK_MATMUL_SIZE) -> float:
+    """The CPU's dense matmul rate in this dtype on torch's current threads, the best of short timed rounds."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm-up: the kernel's first call picks its blocking and packs buffers
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(precision: str) -> tuple[float | None, str]:
+    """The peak MFU is measured against, and where it comes from."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        peak = gpu_peak_flops(name, precision)
+        return peak, f"{name} rated {precision} peak" if peak else f"{name}: no rated peak known"
+    return measured_peak_flops(precision), f"{precision} matmul measured on {torch.get_num_threads()} thread(s)"
+
+
+def utilisation(model_flops: float, seconds: float, peak: float | None) -> dict[str, float | None]:
+    """Achieved FLOP/s and its share of the peak."""
+    achieved = model_flops / seconds if seconds > 0 else 0.0
+    return {"flops_per_s": achieved, "mfu": achieved / peak if peak else None}

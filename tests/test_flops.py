@@ -1,0 +1,89 @@
+"""howto.flops against torch's own count: a real Mistral-architecture model with LoRA adapters, one forward and
+backward pass under torch.utils.flop_counter.FlopCounterMode, with and without gradient checkpointing. The model
+uses eager attention (plain matmuls): the counter has no formula for the CPU's fused SDPA kernel and would leave the
+attention out, where the eager path lets it check the T x T terms too."""
+from __future__ import annotations
+
+import pytest
+
+from howto import flops
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 8
+
+
+def lora_model(checkpointing: bool, targets: list[str] = TARGETS):
+    """A small Mistral (grouped-query attention, gated MLP, untied lm_head) with peft's LoRA, as finetune.py's hf
+    engine builds it: frozen weights, adapters trainable, inputs that require gradients under checkpointing."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    return model, config
+
+
+def torch_count(model, batch: int, length: int) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_flops_match_torchs_count(checkpointing):
+    model, config = lora_model(checkpointing)
+    counted = torch_count(model, batch=2, length=96)
+    ours = flops.training_flops(flops.shape_of(config), [96, 96], RANK, TARGETS, checkpointing=checkpointing)
+    assert ours == pytest.approx(counted, rel=0.02)
+
+
+def test_lora_on_some_projections_and_a_longer_sequence():
+    """Attention grows with the square of the length, the adapters with their targets: both must be counted."""
+    targets = ["q_proj", "v_proj"]
+    model, config = lora_model(checkpointing=False, targets=targets)
+    counted = torch_count(model, batch=1, length=200)
+    ours = flops.training_flops(flops.shape_of(config), [200], RANK, targets)
+    assert ours == pytest.approx(counted, rel=0.02)
+    shorter = flops.training_flops(flops.shape_of(config), [100, 100], RANK, targets)
+    assert shorter < ours  # same tokens, half the attention context
+
+
+def test_recomputation_adds_a_forward_of_the_decoder_layers():
+    shape = flops.shape_of(lora_model(False)[1])
+    plain = flops.training_flops(shape, [64], RANK, TARGETS)
+    again = flops.training_flops(shape, [64], RANK, TARGETS, checkpointing=True)
+    assert plain < again < plain * 1.5  # a forward is about a third of a full-training step, less the lm_head
+
+
+def test_padding_waste_counts_pad_positions():
+    assert flops.padding_waste([10, 30], padded_tokens=60) == pytest.approx(1 / 3)
+    assert flops.padding_waste([10, 30], padded_tokens=40) == 0.0
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("Tesla T4", "fp16", 65.0), ("Tesla T4", "bf16", None), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H200", "bf16", 989.0),
+    ("NVIDIA L4", "bf16", 121.0), ("NVIDIA L40S", "bf16", None), ("NVIDIA GeForce RTX 4090", "fp32", 82.6),
+])
+def test_gpu_rated_peaks(name, precision, tflops):
+    peak = flops.gpu_peak_flops(name, precision)
+    assert peak == (pytest.approx(tflops * 1e12) if tflops else None)
+
+
+def test_cpu_peak_is_measured_and_plausible():
+    """A dense fp32 matmul timed on the spot: a rate between 0.1 GFLOP/s and 100 TFLOP/s, not a constant."""
+    peak = flops.measured_peak_flops("fp32", seconds=0.2, size=256)
+    assert 1e8 < peak < 1e14

@@ -254,6 +254,12 @@ def score_examples(generated: Sequence[Sequence[str]], references: Sequence[Sequ
     return rows
 
 
+def prompt_key(prompt: str) -> str:
+    """What pairs two systems' answers to the same question: the prompt with its whitespace normalised, so a
+    trailing space or a wrapped line in one predictions file does not unpair it."""
+    return " ".join(prompt.split())
+
+
 def mean_defined(values: Sequence[float | None]) -> tuple[float | None, int]:
     """Mean over the defined values (None and NaN left out) and how many there were."""
     kept = [float(v) for v in values if v is not None and not math.isnan(v)]
@@ -262,15 +268,18 @@ def mean_defined(values: Sequence[float | None]) -> tuple[float | None, int]:
 
 def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0,
                  confidence: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap interval of the mean, resampling prompts with replacement (seeded)."""
+    """Percentile bootstrap interval of the mean, resampling prompts with replacement (scipy.stats.bootstrap,
+    seeded). One value, or values all equal, give that value as both ends: there is nothing to resample."""
+    from scipy.stats import bootstrap
+
     if len(values) == 0:
         return None, None
     data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(n_resamples, len(data)))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+    if np.all(data == data[0]):
+        return float(data[0]), float(data[0])
+    result = bootstrap((data,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                       vectorized=True, random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def wilcoxon_p(differences: Sequence[float]) -> float | None:

@@ -3,6 +3,7 @@ adapter made here with peft), with its cache and left-padded batches."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 
 import evaluate
 from chat_server import chat_server
+from howto.generate import generate_batch
 from howto.metrics import METRICS
+from howto.report import METRIC_LABELS, fmt, fmt_p
 
 RECORDS = [
     {"prompt": "How do I reset my password in the ShopNow app?", "category": "shopping",
@@ -100,11 +103,11 @@ def test_report_shows_every_number_and_is_self_contained(scored):
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for m in METRICS:
         c = metrics["comparisons"]["good"][m]
-        means = [evaluate.fmt(metrics["systems"][name]["means"][m]) for name in ("weak", "good")]
+        means = [fmt(metrics["systems"][name]["means"][m]) for name in ("weak", "good")]
         for number in (*means, f"{c['delta']:+.3f}",
-                       evaluate.fmt(c["ci_low"]), evaluate.fmt(c["ci_high"]), evaluate.fmt_p(c["p_value"])):
+                       fmt(c["ci_low"]), fmt(c["ci_high"]), fmt_p(c["p_value"])):
             assert number in md and number in page, (m, number)
-        assert evaluate.METRIC_LABELS[m].split(" (")[0] in md
+        assert METRIC_LABELS[m].split(" (")[0] in md
     assert "all-MiniLM-L6-v2" in md and "layer 6" in md and "not rescaled" in md
     assert "I'm sorry, I cannot help with that." in md  # a failure is shown
     assert page.count("data:image/png;base64,") == 3
@@ -123,6 +126,58 @@ def test_bad_predictions_name_the_file_line_and_field(tmp_path):
     test.write_text('{"prompt": "a", "response": ["x"]}\n{"prompt": "b", "response": "x"}\n')
     with pytest.raises(SystemExit, match=r"test\.jsonl:2: field 'response'"):
         evaluate.load_test_set(test, None)
+
+
+def test_systems_pair_on_normalised_prompts_and_say_how_many(tmp_path):
+    a = [{"prompt": r["prompt"], "response": r["response"], "output": r["response"]} for r in RECORDS[:4]]
+    b = [{"prompt": "  " + r["prompt"].replace(" ", "\n", 1) + " ", "response": r["response"],
+          "output": r["response"][:2]} for r in RECORDS[2:6]]
+    out = tmp_path / "out"
+    argv = ["--predictions", f"a={write_jsonl(tmp_path / 'a.jsonl', a)}", f"b={write_jsonl(tmp_path / 'b.jsonl', b)}",
+            "--out", str(out), "--bertscore-model", "minilm", "--bootstrap", "100", "--show-examples", "1"]
+    metrics = evaluate.main(argv)
+    assert metrics["n_paired"] == {"b": 2} and metrics["n_examples"] == 4
+    assert all(metrics["comparisons"]["b"][m]["n"] == 2 for m in ("bertscore_f1", "format_valid"))
+    assert metrics["comparisons"]["b"]["step_coverage"]["delta"] < 0  # the paired prompts really were compared
+    assert "b: 2 of 4 paired" in (out / "report.md").read_text()
+    c = [{"prompt": "How do I bake bread?", "response": ["Mix.", "Bake."], "output": "1. Mix\n2. Bake"}]
+    with pytest.raises(SystemExit, match="no prompt in common"):
+        evaluate.main([*argv[:3], f"c={write_jsonl(tmp_path / 'c.jsonl', c)}", *argv[3:]])
+
+
+def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("slow work started before the settings were checked")
+
+    monkeypatch.setattr(evaluate, "load_generator", must_not_run)
+    monkeypatch.setattr(evaluate, "load_scorers", must_not_run)
+    data = write_jsonl(tmp_path / "test.jsonl", RECORDS[:2])
+    argv = ["--data", str(data), "--base", "tiny"]
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\0" * 16)
+    for path in (fake, weights):
+        with pytest.raises(SystemExit, match=r"--finetuned .*: not a GGUF file"):
+            evaluate.main([*argv, "--finetuned", str(path), "--out", str(tmp_path / "out")])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"--bootstrap 0: must be at least"):
+        evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--bootstrap", "0"])
+    with pytest.raises(SystemExit, match=r"--limit 0: must be at least 1"):
+        evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--limit", "0"])
+    with pytest.raises(SystemExit, match=r"--out .*: exists and is not a folder"):
+        evaluate.main([*argv, "--finetuned", str(run), "--out", str(data)])
+    with pytest.raises(SystemExit, match=r"--out .*: cannot create the folder"):
+        evaluate.main([*argv, "--finetuned", str(run), "--out", str(data / "out")])
+    with pytest.raises(SystemExit, match=r"--exports .*: not a GGUF file"):
+        evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--exports", str(fake)])
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(SystemExit, match=r"--out .*: cannot write in the folder"):
+            evaluate.main([*argv, "--finetuned", str(run), "--out", str(locked)])
 
 
 def test_finetuned_resolves_to_the_base_it_was_trained_on(tmp_path):
@@ -177,12 +232,20 @@ def test_generation_end_to_end_and_cache_reuse(tiny_model, tiny_adapter, tmp_pat
         rows = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in rows] == [r["prompt"] for r in RECORDS[:4]]
         for row in rows:
-            assert {"prompt", "reference", "output", "steps", "n_tokens", "seconds", "settings_hash"} <= set(row)
+            assert {"prompt", "response", "output", "steps", "n_tokens", "seconds", "settings_hash"} <= set(row)
             assert 0 < row["n_tokens"] <= 12 and row["seconds"] > 0
         predictions[name] = rows
         assert metrics["systems"][name]["generation"]["tokens"] == sum(r["n_tokens"] for r in rows)
     assert [r["output"] for r in predictions["base"]] != [r["output"] for r in predictions["finetuned"]]
     assert metrics["settings"]["generation"]["systems"][1]["adapter"] == str(tiny_adapter)
+    probe = metrics["forgetting"]
+    assert probe["n_prompts"] == 50 and probe["loss"]["n"] == 50 and probe["over_formatting"]["n"] == 42
+    assert probe["loss"]["base"] > 0 and probe["loss"]["ci_low"] <= probe["loss"]["delta"] <= probe["loss"]["ci_high"]
+    for name in ("base", "finetuned"):
+        rows = [json.loads(line) for line in (out / name / "forgetting.jsonl").read_text().splitlines()]
+        assert len(rows) == 50 and all(r["answer_tokens"] > 0 and 0 < r["output_tokens"] <= 64 for r in rows)
+    assert "Forgetting probe" in (out / "report.md").read_text()
+    assert metrics["parity"] is None  # an adapter folder without exports
 
     def must_not_generate(*args, **kwargs):
         raise AssertionError("a cached prediction was generated again")
@@ -206,13 +269,48 @@ def test_generation_end_to_end_and_cache_reuse(tiny_model, tiny_adapter, tmp_pat
     assert [r["n_tokens"] <= 5 for r in rows] == [True, True]  # rows of the old settings are not kept
 
 
+@pytest.fixture(scope="module")
+def tiny_merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
+    """The tiny adapter merged into its base, saved as a model folder like finetune.py's merged/ export."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from howto.models import save_mistral_tokenizer
+
+    folder = tmp_path_factory.mktemp("merged")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tiny_adapter)
+    model.merge_and_unload().save_pretrained(folder)
+    save_mistral_tokenizer(folder)
+    return folder
+
+
+def test_exports_are_scored_beside_the_adapter(tiny_adapter, tiny_merged, tmp_path):
+    data = write_jsonl(tmp_path / "test.jsonl", RECORDS[:3])
+    out = tmp_path / "out"
+    metrics = evaluate.main(["--data", str(data), "--base", "tiny", "--finetuned", str(tiny_adapter), "--out",
+                             str(out), "--exports", str(tiny_merged), "--no-forgetting", "--max-new-tokens", "8",
+                             "--bertscore-model", "minilm", "--bootstrap", "100", "--fail-on-regression"])
+    name = tiny_merged.name
+    assert list(metrics["comparisons"]) == ["finetuned"]  # exports are judged against the adapter, not the base
+    parity = metrics["parity"]
+    assert parity["reference"] == "finetuned" and parity["tolerance"] == 0.02
+    merged = parity["exports"][name]
+    # The same fp32 weights, merged before or after saving: the same answers, the same scores.
+    assert merged["n_paired"] == 3 and merged["identical"] == 3 and merged["identical_share"] == 1.0
+    assert merged["bertscore_f1"]["delta"] == 0.0 and merged["verdict"] == "same"
+    assert metrics["forgetting"] is None
+    assert (out / name / "predictions.jsonl").is_file() and (out / name / "scores.jsonl").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Parity" in report and f"| {name} | 3 | 1.00 (3) |" in report
+
+
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_model):
     from howto.models import load_for_generation
 
     lm, tokenizer = load_for_generation(tiny_model)
     prompts = [r["prompt"] for r in RECORDS[:3]] + ["Hi?", "How do I " + "really " * 20 + "log out?"]
-    batched = evaluate.generate_batch(lm, tokenizer, prompts, max_new_tokens=10)
-    alone = [evaluate.generate_batch(lm, tokenizer, [p], max_new_tokens=10)[0] for p in prompts]
+    batched = generate_batch(lm, tokenizer, prompts, max_new_tokens=10)
+    alone = [generate_batch(lm, tokenizer, [p], max_new_tokens=10)[0] for p in prompts]
     assert batched == alone
     assert len({text for text, _ in alone}) > 1  # the prompts really lead to different answers
 
@@ -230,6 +328,13 @@ def test_gguf_is_fed_the_canonical_prompt_ids(smollm2_model):
     assert "ShopNow" in text and "password" in text
     assert 0 < n_tokens <= 16
     assert generate([RECORDS[0]["prompt"]]) == [(text, n_tokens)]  # greedy: the same answer again
+    # Whatever was asked before (a shared system-prompt prefix, the same question), each answer is the same: the
+    # model's state is reset per prompt instead of reusing the KV cache of a matching prefix.
+    others = generate([RECORDS[2]["prompt"], RECORDS[0]["prompt"], RECORDS[0]["prompt"]])
+    assert others[1:] == [(text, n_tokens)] * 2
+    fresh = evaluate.load_generator(evaluate.System("finetuned", gguf=str(smollm2_gguf()),
+                                                    tokenizer_model=smollm2_model), args)
+    assert fresh([RECORDS[2]["prompt"]]) == others[:1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

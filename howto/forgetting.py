@@ -1,0 +1,127 @@
+"""Forgetting probe: did fine-tuning on how-to steps cost the model its general abilities?
+
+A bundled set of general questions (facts, arithmetic, short writing, code, how-to outside the training domains;
+`data/forgetting.jsonl`) is put to the base and the fine-tuned model in the model's own chat format, with no system
+prompt (the way a user asks anything else). Two measures, each per prompt so that the two models pair up:
+
+- the per-token loss of the reference answer under teacher forcing (mean negative log-likelihood of the answer's
+  tokens and the end-of-turn token): forgetting shows as a rise;
+- over-formatting: whether the model's own answer to a question that is not a how-to starts a numbered list, the
+  habit a model trained only on numbered steps picks up.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from howto.chat import _ids, _strip_trailing_after_eos, is_mistral_common
+from howto.generate import generate_ids
+from howto.metrics import mean_defined, paired_comparison
+from howto.runio import read_jsonl_lines
+
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "forgetting.jsonl"
+KINDS = ("fact", "arithmetic", "writing", "code", "howto")
+# The first lines of an answer decide whether it is a numbered list; 64 tokens hold two short items.
+MAX_NEW_TOKENS = 64
+_NUMBERED_LINE = re.compile(r"^\s*(?:step\s*)?(\d+)\s*[.):]\s+\S", re.IGNORECASE | re.MULTILINE)
+
+
+def read_probe(path: str | Path) -> list[dict[str, Any]]:
+    """The probe's records (prompt, answer, kind), each error naming the file, line and field."""
+    path = Path(path)
+    try:
+        rows = read_jsonl_lines(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--forgetting-data: {e}") from None
+    records = []
+    for lineno, record in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise SystemExit(f"{where}: expected a JSON object")
+        for field in ("prompt", "answer"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise SystemExit(f"{where}: field {field!r} must be a non-empty string")
+        if record.get("kind") not in KINDS:
+            raise SystemExit(f"{where}: field 'kind' must be one of {', '.join(KINDS)}")
+        records.append({"prompt": record["prompt"].strip(), "answer": record["answer"].strip(),
+                        "kind": record["kind"]})
+    if not records:
+        raise SystemExit(f"{path}: no probe records")
+    return records
+
+
+def is_numbered_list(text: str) -> bool:
+    """Two lines or more numbered 1, 2 in order: the answer is a numbered list."""
+    numbers = [int(m.group(1)) for m in _NUMBERED_LINE.finditer(text)]
+    return len(numbers) >= 2 and numbers[:2] == [1, 2]
+
+
+def question_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The question as the user turn alone, ready for the model's answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def answer_ids(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], int]:
+    """The whole conversation's ids and where the answer starts, as training renders an assistant turn."""
+    head = question_ids(tokenizer, prompt)
+    if is_mistral_common(tokenizer):
+        return head + _ids(tokenizer.encode(answer, add_special_tokens=False)) + [tokenizer.eos_token_id], len(head)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    full = _strip_trailing_after_eos(tokenizer, _ids(tokenizer.apply_chat_template(messages, tokenize=True)))
+    if full[: len(head)] != head:
+        raise ValueError("the chat template renders the question differently with and without an answer")
+    return full, len(head)
+
+
+def answer_loss(lm: Any, tokenizer: Any, prompt: str, answer: str) -> tuple[float, int]:
+    """Mean negative log-likelihood per answer token under teacher forcing, and the number of those tokens."""
+    import torch
+
+    ids, start = answer_ids(tokenizer, prompt, answer)
+    input_ids = torch.tensor([ids], device=lm.device)
+    labels = input_ids.clone()
+    labels[0, :start] = -100
+    with torch.no_grad():
+        loss = lm(input_ids=input_ids, labels=labels).loss
+    return float(loss), len(ids) - start
+
+
+def probe_model(lm: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """Per prompt: the reference answer's loss, the model's greedy answer and whether it is a numbered list."""
+    rows = []
+    for record in records:
+        loss, n_tokens = answer_loss(lm, tokenizer, record["prompt"], record["answer"])
+        rows.append({**record, "loss": round(loss, 6), "answer_tokens": n_tokens})
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["answer"]))  # similar lengths batch together
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        answers = generate_ids(lm, tokenizer, [question_ids(tokenizer, records[i]["prompt"]) for i in batch],
+                               MAX_NEW_TOKENS)
+        for i, (text, n_tokens) in zip(batch, answers, strict=True):
+            rows[i].update(output=text, output_tokens=n_tokens, numbered=int(is_numbered_list(text)))
+    return rows
+
+
+def compare_probes(base: list[dict[str, Any]], tuned: list[dict[str, Any]], n_resamples: int,
+                   seed: int) -> dict[str, Any]:
+    """Fine-tuned minus base, paired by prompt: the answer loss over every prompt, the numbered-list rate over the
+    questions that are not how-tos (over-formatting) and, as a check, over the how-tos."""
+    by_prompt = {r["prompt"]: r for r in tuned}
+    pairs = [(b, by_prompt[b["prompt"]]) for b in base if b["prompt"] in by_prompt]
+
+    def measure(field: str, keep: Any) -> dict[str, Any]:
+        kept = [(b, t) for b, t in pairs if keep(b)]
+        result = paired_comparison([b[field] for b, _ in kept], [t[field] for _, t in kept], n_resamples, seed)
+        return {"base": mean_defined([b[field] for b, _ in kept])[0],
+                "finetuned": mean_defined([t[field] for _, t in kept])[0], **result}
+
+    return {
+        "n_prompts": len(pairs),
+        "loss": measure("loss", lambda r: True),
+        "over_formatting": measure("numbered", lambda r: r["kind"] != "howto"),
+        "howto_list_rate": measure("numbered", lambda r: r["kind"] == "howto"),
+        "loss_by_kind": {kind: measure("loss", lambda r, k=kind: r["kind"] == k)
+                         for kind in KINDS if any(b["kind"] == kind for b, _ in pairs)},
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from markdown_it import MarkdownIt
 from howto.augment import parse_answer
 from howto.llm import ChatClient, LLMError
 from howto.pii import redact
+from howto.review import read_review, review_kind
 
 DOCUMENT_SUFFIXES = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf",
                      ".txt": "text"}
@@ -45,7 +47,12 @@ place plug point press print promote provide pull push put read reboot record re
 remove rename reopen repeat replace reply report request reset restart restore resume return review revoke rotate
 run save scan schedule scroll search see select send set share show sign slide sort specify star start stop submit
 swipe switch sync tap test tick toggle try turn type unassign unblock uncheck uninstall unlink unpin update upload
-use verify view visit wait write
+use verify view visit wait write backup bookmark buy charge claim cite connect convert crop deposit dial dismiss
+download drag embed empty end exclude extend fix flag format forward freeze group hang include invite join kick lock
+log manage mention migrate mute opt pin play post preview publish purchase recover redeem refund reinstall remind
+renew reorder reply reschedule respond retry rewind sell setup shut skip snooze split stream subscribe swap tag top
+track transfer translate trim unfollow unfreeze unlock unmute unsubscribe unzip upgrade downgrade verify vote
+withdraw zoom
 """.split())
 _LEADING_CLAUSE = re.compile(r"^(?:optional(?:ly)?[.:]?\s+|then\s+|(?:on|in|from|under|at|next to|beside|below|above|"
                              r"within|inside|if|when|once|after|before|for|to|with|using|via|now|finally|first|"
@@ -53,7 +60,8 @@ _LEADING_CLAUSE = re.compile(r"^(?:optional(?:ly)?[.:]?\s+|then\s+|(?:on|in|from
 _STEP_PARAGRAPH = re.compile(r"^\s*step\s*(\d+)\s*[:.)\-\u2013\u2014]\s*", re.IGNORECASE)
 _NUMBERED_LINE = re.compile(r"^\s*(?:step\s*)?(\d+)\s*[.):]\s+", re.IGNORECASE)
 _TO_LEAD_IN = re.compile(r"(?:^|[.!?]\s+)to ([^,:]+?)(?:,[^:]*)?:\s*$", re.IGNORECASE | re.DOTALL)
-_POINTING = re.compile(r"\b(?:this|that|these|those|them|it)\b", re.IGNORECASE)  # "To disable them:" needs its heading
+# "To disable them:" needs its heading; "To resolve this issue:" under a problem heading names the problem.
+_POINTING = re.compile(r"\b(?:this|that|these|those|them|it)\b", re.IGNORECASE)
 _PROBLEM = re.compile(r"\b(?:cannot|can't|not|fails?|error|unable|doesn't|won't)\b", re.IGNORECASE)
 _SHORTCODE = re.compile(r"\{\{[<%].*?[%>]\}\}", re.DOTALL)
 _FRONT_MATTER = re.compile(r"\A---\r?\n(.*?)\r?\n---\r?\n", re.DOTALL)
@@ -64,6 +72,8 @@ _BLOCK_TAGS = ["p", "div", "section", "article", "main", "ol", "ul", "table", "p
                "h6", "dl", "details", "blockquote", "figure"]
 _DROPPED_TAGS = ["nav", "aside", "footer", "script", "style", "noscript", "form", "template", "svg", "iframe", "button",
                  "select", "head"]
+CONTENT_NAMES = {"para": "prose", "list": "bulleted list", "table": "table", "pre": "code", "figure": "figure",
+                 "blockquote": "quote"}
 _PREPOSITIONS = {"for", "in", "from", "on", "with", "using", "via", "by", "as", "through", "without"}
 LLM_SYSTEM = ("You turn help-centre text and support chats into how-to records: a question and the ordered steps that "
               "answer it. Answer with JSON only.")
@@ -136,12 +146,65 @@ def _first_object_has(path: Path, key: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- collection
+@dataclass
+class Collection:
+    """Raw records from raw sources and review exports, in file order, with what the report says about them."""
+    records: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)  # (file, line or task, record)
+    files: set[str] = field(default_factory=set)
+    report: dict[str, Any] = field(default_factory=lambda: {"files": [], "review": {}})
+
+    def of(self, path: Path) -> list[tuple[int, dict[str, Any]]]:
+        """(line or task number, raw record) of the records collected from one file."""
+        return [(line, record) for file, line, record in self.records if file == str(path)]
+
+
+def collect_inputs(files: list[Path], client: ChatClient | None = None, max_llm_requests: int = 0) -> Collection:
+    """Records from the raw sources and review exports among `files`; other files are records, left to the
+    record reader. With a `client`, what the rules cannot parse goes to the LLM within `max_llm_requests`."""
+    collection = Collection()
+    review_counts: dict[str, int] = {}
+    for path in files:
+        reviewed = review_kind(path)
+        if reviewed:
+            kept, counts, dropped = read_review(path, reviewed)
+            for key, n in counts.items():
+                review_counts[key] = review_counts.get(key, 0) + n
+            entry = {"file": str(path), "kind": f"review ({reviewed})", "procedures": len(kept), "skipped": dropped,
+                     "llm_requests": 0}
+            found = [(str(path), where, record) for where, record in kept]
+        elif source_kind(path):
+            used = sum(f["llm_requests"] for f in collection.report["files"])
+            records, report = collect_file(path, client, max_llm_requests - used)
+            entry, found = report.as_dict(), [(str(path), 0, record) for record in records]
+        else:
+            continue
+        collection.files.add(str(path))
+        collection.records += found
+        collection.report["files"].append(entry)
+    collection.report["review"] = review_counts
+    return collection
+
+
+def collected_section(report: dict[str, Any] | None) -> list[str]:
+    """The "Collected" section of report.md: per file, procedures found and what was skipped, with the reason."""
+    if not report or not report["files"]:
+        return []
+    lines = ["", "## Collected", "", "| file | kind | procedures | skipped | LLM requests |", "|---|---|---|---|---|"]
+    lines += [f"| `{f['file']}` | {f['kind']} | {f['procedures']} | {len(f['skipped'])} | {f['llm_requests']} |"
+              for f in report["files"]]
+    if report["review"]:
+        lines += ["", "- review: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in report["review"].items())]
+    skipped = [s for f in report["files"] for s in f["skipped"]]
+    lines += ["", *(f"- skipped: {s}" for s in skipped[:200])] if skipped else []
+    return lines
+
+
 def collect_file(path: Path, client: ChatClient | None = None,
                  max_llm_requests: int = 0) -> tuple[list[dict[str, Any]], FileReport]:
     """Raw records {prompt, response, source, extraction} of one raw file, and what was found and skipped.
 
     With a `client`, text the rules found no procedure in (a section of prose, a chat without numbered steps) is
-    sent, redacted, to the LLM, up to `max_llm_requests` requests for this file.
+    sent, redacted, to the LLM, up to `max_llm_requests` requests.
     """
     kind = source_kind(path)
     report = FileReport(str(path), kind or "records")
@@ -206,12 +269,27 @@ def read_document(path: Path, kind: str) -> list[tuple[list[Block], str]]:
         from pypdf import PdfReader
 
         title = path.stem
-        return [(markdown_blocks(page.extract_text() or "")[0], title) for page in PdfReader(path).pages]
+        return [(markdown_blocks(plain_paragraphs(page.extract_text() or ""))[0], title)
+                for page in PdfReader(path).pages]
     text = path.read_text(encoding="utf-8-sig")
     if kind == "html":
         return [html_blocks(text)]
-    blocks, title = markdown_blocks(text)
+    blocks, title = markdown_blocks(plain_paragraphs(text) if kind == "text" else text)
     return [(blocks, title or (path.stem if kind == "text" else ""))]
+
+
+def plain_paragraphs(text: str) -> str:
+    """Plain text made ready for the Markdown parser: after a numbered step that ends a sentence, a line that starts
+    a new one ("Sensors pair within a minute.") is a remark after the list, not a wrapped step."""
+    lines, in_list = [], False
+    for line in text.splitlines():
+        if _NUMBERED_LINE.match(line):
+            in_list = True
+        elif in_list and line.strip()[:1].isupper() and not line[:1].isspace() and lines[-1].rstrip()[-1:] in ".!?":
+            lines.append("")
+            in_list = False
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def markdown_blocks(text: str) -> tuple[list[Block], str]:
@@ -310,7 +388,8 @@ def _walk(element: Tag, blocks: list[Block]) -> None:
 
 def step_text(li: Tag) -> str:
     """An item's own text: nested lists, code, tables, images, notes and the lines that introduce them belong to the
-    step, not beside it, so they are left out; an item that only labels its nested list ("In GitLab:") takes the nested items in."""
+    step, not beside it, so they are left out; an item that only labels its nested list ("In GitLab:") takes the
+    nested items in."""
     item = copy.copy(li)
     nested = [step_text(n) for sub in item.find_all(["ol", "ul"], recursive=False)
               for n in sub.find_all("li", recursive=False)]
@@ -347,6 +426,7 @@ def document_procedures(blocks: list[Block], title: str, text_mode: bool = False
     found, skipped = [], []
     headings: list[Block] = []  # the open headings, outermost first
     prose: dict[str, list[str]] = {}
+    content: dict[str, set[str]] = {}  # what each section holds, to say why it gave no record
     has_procedure: set[str] = set()
     i = 0
     while i < len(blocks):
@@ -355,8 +435,12 @@ def document_procedures(blocks: list[Block], title: str, text_mode: bool = False
         steps, end = candidate_steps(blocks, i)
         if block.kind == "heading":
             headings = [h for h in headings if h.level < block.level] + [block]
-        elif block.kind == "para" and steps is None:
-            prose.setdefault(headings[-1].anchor if headings else "", []).append(clean(block.text))
+        elif steps is None:
+            section = headings[-1].anchor if headings else ""
+            content.setdefault(section, set()).add(CONTENT_NAMES.get(block.text if block.kind == "other" else
+                                                                     block.kind, "other content"))
+            if block.kind == "para":
+                prose.setdefault(section, []).append(clean(block.text))
         if steps is None:
             i += 1
             continue
@@ -372,8 +456,10 @@ def document_procedures(blocks: list[Block], title: str, text_mode: bool = False
             skipped.append(f"{where}: steps with no heading or question before them")
         else:
             found.append((first_person(prompt), steps, anchor))
-            has_procedure.add(anchor)
+        has_procedure.add(anchor)  # a section with steps, kept or skipped, is accounted for
         i = end
+    skipped += [f"{f'#{a}' if a else 'top of the page'}: no steps ({', '.join(sorted(kinds))})"
+                for a, kinds in content.items() if a not in has_procedure]
     leftovers = [(a, "\n\n".join(p)) for a, p in prose.items() if a not in has_procedure and len(" ".join(p)) > 80]
     return found, skipped, leftovers
 
@@ -500,7 +586,7 @@ def read_chats(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
         parts = re.split(r"^\s*(?:-{3,}|={3,})\s*$", text, flags=re.MULTILINE)
         return [(str(k), turns) for k, part in enumerate(parts, 1) if (turns := _transcript_turns(part))]
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         header = {k.strip().lower(): k for k in (rows[0].keys() if rows else [])}
         role, body = header[_column(set(header), ROLE_COLUMNS)], header[_column(set(header), TEXT_COLUMNS)]
         cid = header.get(_column(set(header), ID_COLUMNS) or "")

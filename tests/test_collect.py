@@ -1,0 +1,285 @@
+"""Rule-based and LLM extraction of how-to records from raw sources, on pages written to be full of traps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chat_server import chat_server
+from howto.collect import collect_file, collect_inputs, collected_section, heading_question, source_kind
+from howto.llm import ChatClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HELP_PAGE = """<!DOCTYPE html>
+<html><head><title>Help - ShopNow</title><script>var steps = ["1. not a step"];</script></head>
+<body>
+<header><nav><ol><li><a href="/">Home</a></li><li><a href="/orders">Orders</a></li></ol></nav></header>
+<div class="sidebar-menu"><h3>Popular</h3><ol><li>Track a parcel</li><li>Refunds</li></ol></div>
+<main>
+  <h1>Orders</h1>
+  <h2 id="cancel">Cancel an order</h2>
+  <p>You can cancel until the order ships.</p>
+  <ol>
+    <li>Open the app and sign in.</li>
+    <li>Go to <strong>Account &gt; Orders</strong>.</li>
+    <li>Tap the order.
+      <ul><li>Shipped orders cannot be cancelled.</li><li>Grey badge: shipped.</li></ul>
+      <p>Note: cancelled orders stay in the list.</p>
+    </li>
+    <li>Tap <b>Cancel order</b>, then <em>Confirm</em>.</li>
+  </ol>
+  <p>The refund takes 5 days.</p>
+  <p><strong>How do I reset my password?</strong></p>
+  <ol><li>On the sign-in screen, tap <a href="#">Forgot password?</a></li><li>Enter your email.</li>
+      <li>Follow the link in the email.</li></ol>
+  <h2>Return an item</h2>
+  <p>Step 1: Open <b>Account &gt; Orders</b>.</p>
+  <p>Step 2: Tap <b>Return</b>.</p>
+  <p>Step 3: Print the label.</p>
+  <p>Returns are free.</p>
+  <h2>Features</h2>
+  <ul><li>Free delivery</li><li>Easy returns</li><li>24/7 support</li></ul>
+  <h2>Fees</h2>
+  <table><tr><td>1. Standard</td><td>3 EUR</td></tr><tr><td>2. Express</td><td>9 EUR</td></tr></table>
+  <h2>Can I pay cash?</h2>
+  <p>No, we take cards and PayLite only. Payment is taken when the order ships, never before.</p>
+  <h2>How we pick your parcel</h2>
+  <ol><li>The warehouse receives your order.</li><li>A packer scans each item.</li><li>The courier collects it.</li></ol>
+</main>
+<footer><ol><li><a href="/privacy">Privacy</a></li><li><a href="/terms">Terms</a></li></ol></footer>
+</body></html>
+"""
+
+MANUAL = """---
+title: PayLite manual
+---
+
+{{< details >}}
+- Tier: Free
+{{< /details >}}
+
+1. Unzip the archive.
+1. Run the installer.
+
+## Freeze a card
+
+{{< alert type="note" >}}
+Frozen cards can be unfrozen at any time.
+{{< /alert >}}
+
+To freeze your card:
+
+1. Tap **Cards** ({{< icon name="card" >}}).
+1. **On your phone**:
+   1. Open *Settings*.
+   1. Tap `Security`.
+1. Select the card.
+
+   For business cards:
+
+   ```shell
+   paylite freeze --business
+   ```
+
+   - Frozen cards show a blue border.
+1. Tap **Freeze**.
+
+### For a business account
+
+1. Open **Business > Cards**.
+1. Tap **Freeze all**.
+
+## Account types
+
+- Personal:
+  1. Free.
+  1. One card.
+
+| Plan | Cards |
+|---|---|
+| Free | 1 |
+
+## Send money
+
+- As a personal user:
+
+  1. Tap **Transfers**.
+  1. Tap **New**.
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def by_prompt(records: list[dict]) -> dict[str, list[str]]:
+    return {r["prompt"]: r["response"] for r in records}
+
+
+def test_html_main_content_only_with_labels_verbatim(tmp_path):
+    records, report = collect_file(write(tmp_path / "help.html", HELP_PAGE))
+    got = by_prompt(records)
+    assert got == {
+        "How do I cancel an order?": ["Open the app and sign in.", "Go to Account > Orders.", "Tap the order.",
+                                      "Tap Cancel order, then Confirm."],
+        "How do I reset my password?": ["On the sign-in screen, tap Forgot password?", "Enter your email.",
+                                        "Follow the link in the email."],
+        "How do I return an item?": ["Open Account > Orders.", "Tap Return.", "Print the label."],
+    }
+    # navigation, sidebar, footer, scripts, feature lists, tables and prose answers never become records
+    text = json.dumps(records)
+    for trap in ("Home", "Track a parcel", "Privacy", "not a step", "Free delivery", "Standard", "cards and PayLite",
+                 "Shipped orders", "refund", "Returns are free", "Note"):
+        assert trap not in text
+    assert records[0]["source"] == f"{tmp_path / 'help.html'}#cancel"
+    assert records[2]["source"] == f"{tmp_path / 'help.html'}#return-an-item"
+    assert {r["extraction"] for r in records} == {"rules"}
+    assert report.found == 3
+    reasons = [s.split(": ", 1)[1] for s in report.skipped]
+    assert "#features: no steps (bulleted list)" in reasons and "#fees: no steps (table)" in reasons
+    assert "#can-i-pay-cash: no steps (prose)" in reasons
+    assert any("describes rather than instructs" in s and "warehouse" in s for s in reasons)
+
+
+def test_markdown_front_matter_shortcodes_and_nested_steps(tmp_path):
+    records, report = collect_file(write(tmp_path / "manual.md", MANUAL))
+    got = by_prompt(records)
+    assert got["How do I use PayLite manual?"] == ["Unzip the archive.", "Run the installer."]  # before any heading
+    assert got["How do I freeze my card?"] == [
+        "Tap Cards.", "On your phone: Open Settings. Tap Security.", "Select the card.", "Tap Freeze."]
+    assert got["How do I freeze a card for a business account?"] == ["Open Business > Cards.", "Tap Freeze all."]
+    assert got["How do I send money?"] == ["Tap Transfers.", "Tap New."]  # a numbered list under a bullet
+    assert len(records) == 4  # the bulleted "Account types" list and its numbered facts, and the table, are not
+    assert records[1]["source"].endswith("manual.md#freeze-a-card")
+    assert not any("{{" in s or "paylite freeze" in s or "blue border" in s for r in records for s in r["response"])
+
+
+@pytest.mark.parametrize("heading, parent, question", [
+    ("Cancel an order", "", "How do I cancel an order?"),
+    ("How to export your data", "", "How do I export your data?"),
+    ("Can I pay cash?", "", "Can I pay cash?"),
+    ("For a group", "How do I create templates?", "How do I create templates for a group?"),
+    ("Clearing the cache", "", "How do I go about clearing the cache?"),
+    ("SSH keys", "", "How do I use SSH keys?"),
+])
+def test_headings_become_questions(heading, parent, question):
+    assert heading_question(heading, parent) == question
+
+
+def test_plain_text_and_pdf_pages(tmp_path):
+    text = "Reset the router\n1. Unplug the router.\n2. Wait ten seconds.\n3. Plug it back in.\n\nThat is all.\n"
+    records, _ = collect_file(write(tmp_path / "faq.txt", text))
+    assert by_prompt(records) == {"How do I reset the router?": ["Unplug the router.", "Wait ten seconds.",
+                                                                 "Plug it back in."]}
+    pdf = write_pdf(tmp_path / "manual.pdf", [["Welcome to the SmartHub manual."],
+                                              ["Pair a sensor", "1. Hold the sensor button for 5 seconds.",
+                                               "2. Open the SmartHub app and tap Add device.", "3. Tap Confirm.",
+                                               "Sensors pair within a minute."]])
+    records, report = collect_file(pdf)
+    assert by_prompt(records) == {"How do I pair a sensor?": ["Hold the sensor button for 5 seconds.",
+                                                              "Open the SmartHub app and tap Add device.",
+                                                              "Tap Confirm."]}
+    assert records[0]["source"] == f"{pdf}#page=2" and report.kind == "pdf"
+
+
+CHATS = [
+    {"id": "c1", "messages": [
+        {"role": "customer", "text": "Hi! How do I change my delivery address? Thanks"},
+        {"role": "agent", "text": "Sure:\n1. Go to Account > Addresses.\n2. Tap Edit.\n3. Save the new address.\n"
+                                  "Anything else I can do?"}]},
+    {"id": "c2", "messages": [
+        {"role": "user", "content": "Do you ship to Norway?"},
+        {"role": "assistant", "content": "Yes, we ship to Norway in 3 to 5 days, and the fee is 9 EUR."}]},
+    {"id": "c3", "messages": [
+        {"role": "agent", "text": "Hello, how can I help?"},
+        {"role": "customer", "text": "how can I turn off notifications?"},
+        {"role": "agent", "text": "1) Open Settings.\n2) Tap Notifications.\n3) Switch off Push."}]},
+]
+
+
+def test_chat_exports_in_every_format(tmp_path):
+    jsonl = write(tmp_path / "chats.jsonl", "".join(json.dumps(c) + "\n" for c in CHATS))
+    records, report = collect_file(jsonl)
+    assert by_prompt(records) == {
+        "How do I change my delivery address?": ["Go to Account > Addresses.", "Tap Edit.", "Save the new address."],
+        "How can I turn off notifications?": ["Open Settings.", "Tap Notifications.", "Switch off Push."]}
+    assert [r["source"] for r in records] == [f"{jsonl}#conversation=c1", f"{jsonl}#conversation=c3"]
+    assert report.skipped == [f"{jsonl}#conversation=c2: no agent reply with numbered steps (a prose answer)"]
+
+    assert by_prompt(collect_file(write(tmp_path / "one.json", json.dumps(CHATS[0])))[0]) == by_prompt(records[:1])
+    rows = "conversation_id,role,text\n" + "".join(
+        f'{c["id"]},{m["role"]},"{m.get("text", m.get("content"))}"\n' for c in CHATS for m in c["messages"])
+    assert by_prompt(collect_file(write(tmp_path / "chats.csv", rows))[0]) == by_prompt(records)
+    transcript = ("Customer: Hi, how do I change my delivery address?\nAgent: Sure:\n1. Go to Account > Addresses.\n"
+                  "2. Tap Edit.\n3. Save the new address.\n---\nCustomer: Do you ship to Norway?\nAgent: Yes.\n")
+    txt = write(tmp_path / "transcript.txt", transcript)
+    assert source_kind(txt) == "chat"
+    records, report = collect_file(txt)
+    assert by_prompt(records) == by_prompt(records[:1]) and len(records) == 1 and len(report.skipped) == 1
+
+
+def test_records_files_are_left_to_the_record_reader(tmp_path):
+    records = write(tmp_path / "records.jsonl", json.dumps({"prompt": "How?", "response": ["a", "b"]}) + "\n")
+    sheet = write(tmp_path / "records.csv", "prompt,steps\nHow?,\"a\nb\"\n")
+    assert source_kind(records) is None and source_kind(sheet) is None
+    collection = collect_inputs([records, sheet, write(tmp_path / "help.html", HELP_PAGE)])
+    assert collection.files == {str(tmp_path / "help.html")} and len(collection.of(tmp_path / "help.html")) == 3
+    section = "\n".join(collected_section(collection.report))
+    assert "## Collected" in section and "| html | 3 | 4 | 0 |" in section and "warehouse" in section
+
+
+def test_llm_reads_what_the_rules_cannot_and_sees_no_sensitive_text(tmp_path):
+    prose = ("<main><h2>Update your billing email</h2><p>Open the billing page from the account menu and change "
+             "the address there (for example from jane.doe@example.com), then save it; a confirmation follows."
+             "</p></main>")
+    answers = iter([json.dumps({"records": [{"prompt": "How do I update my billing email?",
+                                             "response": ["Open the billing page.", "Change the address.",
+                                                          "Save it."]}]}), "not json"])
+    with chat_server(lambda body: next(answers)) as (url, received):
+        client = ChatClient(url, "test-model", max_retries=0)
+        records, report = collect_file(write(tmp_path / "prose.html", prose), client, max_llm_requests=5)
+        assert records == [{"prompt": "How do I update my billing email?",
+                            "response": ["Open the billing page.", "Change the address.", "Save it."],
+                            "source": f"{tmp_path / 'prose.html'}#update-your-billing-email", "extraction": "llm"}]
+        sent = received[0]["body"]["messages"][1]["content"]
+        assert "billing page" in sent and "jane.doe@example.com" not in sent and "[EMAIL]" in sent
+        chats = write(tmp_path / "chats.jsonl", json.dumps(CHATS[1]) + "\n")
+        records, report = collect_file(chats, client, max_llm_requests=5)
+        assert records == [] and any("not the JSON asked for" in s for s in report.skipped)
+        records, report = collect_file(chats, client, max_llm_requests=0)
+        assert len(received) == 2 and any("max-requests reached" in s for s in report.skipped)
+
+
+def write_pdf(path: Path, pages: list[list[str]]) -> Path:
+    """A real PDF with a text layer (Helvetica, one line per text row), as a PDF manual's page would have."""
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for lines in pages:
+        shown = " T* ".join("(" + line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ") Tj"
+                            for line in lines)
+        stream = f"BT /F1 11 Tf 14 TL 72 720 Td {shown} ET"
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R "
+                       "/Resources << /Font << /F1 3 0 R >> >> >>")
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    path.write_bytes(out)
+    return path
+
+
+def test_sample_raw_sources_give_records(tmp_path):
+    collection = collect_inputs(sorted((ROOT / "data" / "raw").iterdir()))
+    prompts = [r["prompt"] for _, _, r in collection.records]
+    assert "How do I cancel an order?" in prompts and "How do I freeze a lost card?" in prompts
+    assert len(collection.report["files"]) == 3 and all(f["procedures"] >= 2 for f in collection.report["files"])

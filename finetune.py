@@ -1,28 +1,37 @@
 #!/usr/bin/env python
 """Fine-tune a chat model with QLoRA so that it answers a how-to question with an ordered list of steps.
 
-    python finetune.py --data prepared --out runs/mistral                 # Mistral-7B-Instruct-v0.3 through Unsloth
-    python finetune.py --data prepared --out runs/sweep --sweep --sweep-lr 1e-4,2e-4 --sweep-epochs 2,3
-    python finetune.py --data prepared --out runs/mistral --resume        # continue an interrupted run
-    python finetune.py --data prepared --out runs/mistral --export gguf --quant q4_k_m,q8_0
+    python finetune.py --data runs/data --out runs/mistral --config configs/t4.yaml    # Mistral-7B, Unsloth, T4
+    python finetune.py --data runs/data --out runs/x --config configs/t4.yaml --dry-run  # the preflight alone
+    python finetune.py --data runs/data --out runs/sweep --sweep --sweep-lr 1e-4,2e-4 --sweep-epochs 2,3
+    python finetune.py --data runs/data --out runs/mistral --resume        # continue an interrupted run
+    python finetune.py --data runs/data --out runs/mistral --export gguf --quant q4_k_m,q8_0
+    python finetune.py --out runs/mistral --export-only --export gguf      # export a finished run
 
-`--data` is the folder that prepare_data.py wrote (train.jsonl, val.jsonl). The run folder receives the best LoRA
-adapter (by validation loss) with its tokenizer, HF Trainer checkpoints under checkpoints/, run_info.json and
-config.yaml, metrics.json and loss.png, and the exports (merged/, gguf/) when asked for.
+Settings: flags with the defaults of a 16 GB T4 (configs/t4.yaml gives the reasons), or `--config FILE`. The ones
+that matter most: --epochs 3, --lr 2e-4, --batch-size 2 x --grad-accum 4, --lora-r 16 / --lora-alpha 16 on all
+seven projections, --max-seq-length 1024, --patience 2 (early stopping on the validation loss).
+
+`--data` is the folder prepare_data.py wrote (train.jsonl, val.jsonl); prepare_data decided the records and their
+lengths, and the preflight (howto/preflight.py) checks them cheaply. Every run starts with the preflight, before any
+weights load: the estimated peak GPU memory against the GPU found or `--gpu-memory`, one training example token by
+token (trained or masked) with checks on every record, and llama.cpp's tools when `--export gguf` is asked.
+
+The run folder receives preflight.txt, the best LoRA adapter (by validation loss) with its tokenizer, HF Trainer
+checkpoints under checkpoints/, run_info.json and config.yaml, metrics.json and loss.png, and the exports (merged/,
+gguf/) when asked for.
 
 Two engines load the model; everything after loading is one code path. `unsloth` (default): FastLanguageModel in
-4-bit with Unsloth's kernels and gradient checkpointing. `hf`: plain transformers + peft, the QLoRA paper's recipe
-(NF4 double-quantized 4-bit, paged 8-bit AdamW) on CUDA and full precision on a CPU; the baseline the benchmark
-measures Unsloth against, and the engine for multi-GPU runs under `accelerate launch`. Both train on the same
-pre-tokenized records (howto.chat.encode_example), with the loss on the assistant's steps only.
+4-bit with Unsloth's kernels and offloaded gradient checkpointing. `hf`: plain transformers + peft, the QLoRA paper's
+recipe (NF4 double-quantized 4-bit, paged 8-bit AdamW) on CUDA and full precision on a CPU; the baseline the
+benchmark measures Unsloth against, and the engine for multi-GPU runs under `accelerate launch`. Both train with
+TRL's SFTTrainer on the same pre-tokenized records (howto.chat.encode_example), with the loss on the answer only.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import itertools
-import json
 import math
 import os
 import resource
@@ -35,12 +44,15 @@ from typing import Any, Callable
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from howto import chat, models
+from howto import chat, models, preflight
 from howto.models import choose_precision
-from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, read_jsonl_lines, write_json, write_run_info
+from howto.records import read_clean
+from howto.runio import (
+    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, figure_png, hash_files, markdown_table,
+    parse_args, pyplot, write_json, write_run_info,
+)
 
 REQUIRED_SPLITS = ("train", "val")
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -50,7 +62,8 @@ TRIAL_KEYS = ("lr", "epochs", "batch_size")
 # Flags that describe where and how a run is launched rather than what it trains; a sweep's best config leaves
 # them out so that it can be reused for a final run anywhere.
 NOT_IN_BEST_CONFIG = {"out", "config", "sweep", "sweep_lr", "sweep_epochs", "sweep_batch_size",
-                      "sweep_optuna_trials", "resume", "export", "export_only", "quant", "llama_cpp"}
+                      "sweep_optuna_trials", "resume", "export", "export_only", "quant", "llama_cpp", "dry_run",
+                      "gpu_memory"}
 INTERRUPTED_EXIT = 130
 
 
@@ -60,6 +73,37 @@ def is_main_process() -> bool:
 
 
 console = Console(quiet=not is_main_process())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    out_dir = Path(args.out)
+    if args.export_only:
+        export(args, finished_run_base(out_dir), out_dir)
+        return
+    records = load_splits(Path(args.data))  # cheap checks before the slow imports
+    check_resume(args, out_dir, records["files"])
+    announce_model(args)
+    base_path = models.resolve_model(args.model)
+    check = Console(record=True, quiet=console.quiet)  # what the preflight prints also goes to OUT/preflight.txt
+    check_memory(args, base_path, check)  # before anything is downloaded
+    if "gguf" in args.export:
+        preflight.check_gguf_tools(args.llama_cpp, check)
+    if not args.dry_run:
+        import_engine(args.engine)
+    tokenizer = models.load_tokenizer(base_path, offline=args.dry_run)
+    data = tokenize_splits(args, tokenizer, records, out_dir, check)
+    if args.dry_run:
+        return
+    console.print(f"{base_path} ({args.engine} engine): {len(data['train'])} training and {len(data['val'])} "
+                  f"validation records")
+    if args.sweep:
+        run_sweep(args, out_dir, base_path, tokenizer, data, argv)
+        return
+    train_once(args, out_dir, base_path, tokenizer, data, argv)
+    if args.export and is_main_process():
+        export(args, base_path, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="dropout on the LoRA path; 0 lets Unsloth use its fast fused path, and early stopping "
                         "guards against overfitting instead")
-    p.add_argument("--target-modules", default=ALL_PROJECTIONS,
+    p.add_argument("--target-modules", default=ALL_PROJECTIONS, type=comma_list(str),
                    help="comma-separated linear layers that get adapters; all seven projections of attention and "
                         "MLP, as the QLoRA paper found adapting every layer is what matches full fine-tuning")
     p.add_argument("--max-seq-length", type=int, default=1024,
@@ -125,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="hyperparameter search: one real run with early stopping per trial, in OUT/sweep/trial-K, "
                         "ranked by validation loss; writes OUT/sweep/best_config.yaml for a final run")
-    p.add_argument("--sweep-lr", default="1e-4,2e-4",
+    p.add_argument("--sweep-lr", default="1e-4,2e-4", type=comma_list(float),
                    help="learning rates of the grid (with Optuna: the range, sampled log-uniformly)")
-    p.add_argument("--sweep-epochs", default="1,3", help="epoch counts of the grid (with Optuna: the choices)")
-    p.add_argument("--sweep-batch-size", default="2",
+    p.add_argument("--sweep-epochs", default="1,3", type=comma_list(int),
+                   help="epoch counts of the grid (with Optuna: the choices)")
+    p.add_argument("--sweep-batch-size", default="2", type=comma_list(int),
                    help="per-device batch sizes of the grid (with Optuna: the choices)")
     p.add_argument("--sweep-optuna-trials", type=int, default=0,
                    help="search with Optuna's TPE sampler (seeded by --seed) for this many trials instead of the "
@@ -148,13 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "llama-cpp-python source distribution)")
     p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
                    help="where the Trainer also sends its logs (tensorboard: OUT/checkpoints/runs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the preflight alone, in under a minute on a CPU with no download: memory estimate, one "
+                        "example token by token, the checks on every record; no model is loaded")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="GPU memory the run must fit in, in GB as cards are sold (16 for a T4), to plan a run for "
+                        "another machine; default: the GPU found (none on a CPU: the estimate is only shown)")
     return p
 
 
-def as_list(value: Any, cast: Callable[[str], Any]) -> list[Any]:
-    """A comma-separated flag, or the list a YAML config gives for it."""
-    items = value if isinstance(value, list) else str(value).split(",")
-    return [cast(str(item).strip()) for item in items if str(item).strip()]
+def comma_list(cast: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """argparse type of a comma-separated flag (runio passes a YAML config's list joined by commas)."""
+    def parse_list(text: str) -> list[Any]:
+        try:
+            return [cast(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"a comma-separated list has a bad value ({e})") from None
+
+    return parse_list
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -174,16 +230,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         (args.eval_steps >= 0, "--eval-steps must be >= 0"),
         (args.patience >= 0, "--patience must be >= 0"),
         (args.sweep_optuna_trials >= 0, "--sweep-optuna-trials must be >= 0"),
+        (args.gpu_memory is None or args.gpu_memory > 0, "--gpu-memory must be > 0 (GB)"),
+        (not (args.dry_run and args.export_only), "--dry-run checks a training run; --export-only trains nothing"),
     ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    for flag, cast in (("target_modules", str), ("quant", str), ("sweep_lr", float), ("sweep_epochs", int),
-                       ("sweep_batch_size", int)):
-        try:
-            setattr(args, flag, as_list(getattr(args, flag), cast))
-        except ValueError as e:
-            parser.error(f"--{flag.replace('_', '-')}: a comma-separated list has a bad value ({e})")
+    # --quant stays a string flag, so that a config's `quant: q4_k_m` reads as written
+    args.quant = [quant.strip() for quant in args.quant.split(",") if quant.strip()]
     if not args.target_modules:
         parser.error("--target-modules names no layer")
     if args.sweep:
@@ -205,74 +259,100 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 parser.error(f"--quant: {e}")
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_args(parser, argv, section="finetune")
+    check_args(parser, args)
+    check_out_dir(args.out)  # a file, or a folder without write access, fails now rather than after training
+    return args
+
+
+def announce_model(args: argparse.Namespace) -> None:
+    if args.model is None:
+        args.model = models.default_model()
+        if args.model == "smollm2":
+            console.print("No GPU found: fine-tuning SmolLM2-135M-Instruct on the CPU (--model to choose another).")
+    if args.model == "tiny":
+        console.print("[yellow]--model tiny has random weights: this run tests the pipeline, its losses and "
+                      "scores mean nothing about quality.[/]")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Data
+# Data and preflight
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_split(data_dir: Path, split: str) -> list[dict[str, Any]]:
-    """One split's records with their file and line; anything unusable is an error naming file, line and field."""
-    path = data_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"error: {path}: not found; --data must be the folder that prepare_data.py --out wrote")
-    try:
-        rows = read_jsonl_lines(path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not rows:
-        raise SystemExit(f"error: {path}: the {split} split is empty; it needs at least one record")
-    records = []
-    for line, row in rows:
-        where = f"{path}:{line}"
-        if not isinstance(row, dict):
-            raise SystemExit(f"error: {where}: expected a JSON object with 'prompt' and 'response'")
-        prompt, steps = row.get("prompt"), row.get("response")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SystemExit(f"error: {where}: field 'prompt' must be a non-empty string")
-        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
-            raise SystemExit(f"error: {where}: field 'response' must be a non-empty list of non-empty strings")
-        records.append({"prompt": prompt, "response": steps, "split": split, "file": str(path), "line": line})
-    return records
-
-
-def load_splits(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def load_splits(data_dir: Path) -> dict[str, Any]:
+    """The train and val records with their file, line and split, read by the one record reader (howto.records)."""
+    if data_dir.is_file():
+        raise RunError(f"--data {data_dir}: is a file; --data takes the folder prepare_data.py --out wrote "
+                       f"(train.jsonl, val.jsonl), e.g. --data {data_dir.parent}")
     if not data_dir.is_dir():
-        raise SystemExit(f"error: --data {data_dir}: no such folder; run prepare_data.py --out {data_dir} first")
-    return {split: load_split(data_dir, split) for split in REQUIRED_SPLITS}
+        raise RunError(f"--data {data_dir}: no such folder; run prepare_data.py --out {data_dir} first")
+    splits: dict[str, Any] = {"files": [data_dir / f"{split}.jsonl" for split in REQUIRED_SPLITS]}
+    for split, path in zip(REQUIRED_SPLITS, splits["files"], strict=True):
+        if not path.is_file():
+            raise RunError(f"{path}: not found; --data must be the folder that prepare_data.py --out wrote")
+        rows = read_clean(path)
+        if not rows:
+            raise RunError(f"{path}: the {split} split is empty; it needs at least one record")
+        splits[split] = [{**record, "split": split, "file": str(path), "line": line} for line, record in rows]
+    return splits
 
 
-def encode_records(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
-    """The canonical token ids and assistant mask of each record, the same for both engines."""
-    return [chat.encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
+def check_resume(args: argparse.Namespace, out_dir: Path, files: list[Path]) -> None:
+    """--resume continues a run on the data it trained on: other data is refused before anything is rewritten."""
+    if not args.resume:
+        return
+    digest = hash_files(files)
+    for folder in [out_dir, *sorted((out_dir / "sweep").glob("trial-*"))]:
+        recorded = models.read_run_info(folder).get("data_sha256") if (folder / "run_info.json").is_file() else None
+        if recorded and recorded != digest:
+            raise RunError(f"--resume: {folder / 'run_info.json'} trained on other data (sha256 {recorded[:12]}, "
+                           f"{', '.join(map(str, files))} hash to {digest[:12]}): resume with the --data it "
+                           "trained on, or train the new data into another --out")
 
 
-def check_lengths(records: list[dict[str, Any]], encoded: list[dict[str, list[int]]], max_len: int) -> int:
-    """Refuse records that `max_seq_length` would cut down to their prompt; return how many lose some steps.
-
-    Such a record's labels would all be -100: it trains on nothing, and a split full of them gives a loss of NaN
-    or a silently useless run.
-    """
-    cut, truncated = [], 0
-    for record, example in zip(records, encoded, strict=True):
-        prompt_len = example["completion_mask"].index(1)
-        if prompt_len >= max_len:
-            cut.append((record, prompt_len))
-        elif len(example["input_ids"]) > max_len:
-            truncated += 1
-    if cut:
-        lines = [f"  {r['file']}:{r['line']} ({r['split']}): prompt of {n} tokens: {r['prompt'][:100]!r}"
-                 for r, n in cut[:20]]
-        more = [f"  ... and {len(cut) - 20} more"] if len(cut) > 20 else []
-        raise SystemExit(
-            f"error: {len(cut)} record(s) would train on no token: their prompt alone fills --max-seq-length "
-            f"{max_len}, so every step would be cut off. Raise --max-seq-length or shorten them:\n"
-            + "\n".join(lines + more))
-    return truncated
+def check_memory(args: argparse.Namespace, base_path: str, check: Console) -> None:
+    """The preflight's estimate of peak GPU memory for these settings (8-bit AdamW, as on a GPU); a run that does
+    not fit ends here, before anything is downloaded."""
+    arch, source = preflight.architecture(base_path)
+    if arch is None:
+        check.print(f"memory: not estimated ({source})")
+        return
+    parts = preflight.estimate_memory(
+        arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
+        batch_size=args.batch_size, seq_len=args.max_seq_length,
+        checkpointing="offload" if args.engine == "unsloth" else "on", fused=args.engine == "unsloth",
+        optimizer_bytes=2)
+    budget, where = preflight.gpu_budget(args.gpu_memory)
+    what = (f"{Path(base_path).name}, {args.engine} engine, {4 if args.load_in_4bit else 16}-bit weights, LoRA r="
+            f"{args.lora_r}, {args.batch_size} x {args.max_seq_length} tokens")
+    preflight.check_memory(parts, budget, where, what, vars(args), check)
 
 
-def to_dataset(encoded: list[dict[str, list[int]]]) -> Any:
-    from datasets import Dataset
+def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, Any], out_dir: Path,
+                    check: Console) -> dict[str, Any]:
+    """Both splits as datasets of input_ids + completion_mask (howto.chat.encode_example, the one tokenization),
+    once the preflight's token view and checks pass; what the preflight printed goes to OUT/preflight.txt."""
+    from datasets import Dataset, disable_progress_bars
 
-    return Dataset.from_list(encoded)
+    set_pad_token(tokenizer)
+    encoded = {split: [chat.encode_example(tokenizer, r["prompt"], r["response"]) for r in records[split]]
+               for split in REQUIRED_SPLITS}
+    listing = preflight.show_examples(tokenizer, [r for s in REQUIRED_SPLITS for r in records[s]],
+                                      [e for s in REQUIRED_SPLITS for e in encoded[s]], args.max_seq_length,
+                                      sft_collator(tokenizer), check)
+    if is_main_process():
+        console.print(f"preflight passed: {preflight.save(check, listing, out_dir)}")
+    disable_progress_bars()
+    return {"files": records["files"], **{split: Dataset.from_list(encoded[split]) for split in REQUIRED_SPLITS}}
+
+
+def sft_collator(tokenizer: Any) -> Callable[[list[dict[str, Any]]], Any]:
+    """The collator SFTTrainer builds for pre-tokenized records, for the preflight's padding check."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,10 +511,11 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer.callbacks import RichProgressCallback
 
     set_pad_token(tokenizer)
     config = SFTConfig(**sft_config_kwargs(args, out_dir, precision, steps_per_epoch(args, len(train)), resuming))
-    callbacks = [eval_table_callback(), progress_callback()]
+    callbacks = [RichProgressCallback()]  # TRL's progress bars and latest logs, in place of tqdm's
     if args.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
     trainer_class = SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else cpu_sft_trainer()
@@ -461,93 +542,6 @@ def cpu_sft_trainer() -> type:
 
     return CPUSFTTrainer
 
-
-def eval_table_callback() -> Any:
-    """A rich table after each evaluation: epoch, step, training and validation loss, best so far."""
-    from transformers import TrainerCallback
-
-    class EvalTable(TrainerCallback):
-        def __init__(self) -> None:
-            self.rows: list[tuple[str, ...]] = []
-            self.recent: list[float] = []
-            self.best = math.inf
-
-        def add(self, step: int, epoch: float, val: float) -> None:
-            if step == 0:  # the untrained model: a baseline, not a checkpoint that could be kept
-                self.rows.append(("0.00", "0", "", f"{val:.4f}", "(before training)"))
-                return
-            self.best = min(self.best, val)
-            train = sum(self.recent) / len(self.recent) if self.recent else math.nan
-            self.recent = []
-            self.rows.append((f"{epoch:.2f}", str(step), f"{train:.4f}", f"{val:.4f}",
-                              f"{self.best:.4f}" + (" *" if val <= self.best else "")))
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            for entry in state.log_history:  # a resumed run shows the evaluations before the interruption too
-                if "loss" in entry:
-                    self.recent.append(float(entry["loss"]))
-                if "eval_loss" in entry:
-                    self.add(entry["step"], entry.get("epoch") or 0.0, float(entry["eval_loss"]))
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.recent.append(float(logs["loss"]))
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
-                return
-            self.add(state.global_step, state.epoch or 0.0, float(metrics["eval_loss"]))
-            epoch, step, train, val, best = self.rows[-1]
-            console.print(f"evaluation at step {step} (epoch {epoch}): train loss {train or '-'}, "
-                          f"val loss {val}, best {best}")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            """The whole history once, at the end: one table rather than one per evaluation in a log."""
-            if not state.is_world_process_zero or not self.rows:
-                return
-            table = Table(title="Evaluation on the validation split (* = new best)", title_justify="left")
-            for column in ("epoch", "step", "train loss", "val loss", "best val loss"):
-                table.add_column(column, justify="right")
-            for row in self.rows:
-                table.add_row(*row)
-            console.print(table)
-
-    return EvalTable()
-
-
-def progress_callback() -> Any:
-    """A rich progress bar over the optimizer steps, with the last training loss."""
-    from transformers import TrainerCallback
-
-    class RichProgress(TrainerCallback):
-        def __init__(self) -> None:
-            self.progress: Progress | None = None
-            self.task: Any = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            self.progress = Progress(
-                TextColumn("[bold]training[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.progress is not None and logs and "loss" in logs:
-                self.progress.update(self.task, loss=f"loss {float(logs['loss']):.4f}")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.progress is not None:
-                self.progress.stop()
-                self.progress = None
-
-    return RichProgress()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -577,14 +571,33 @@ def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, f
     return {"train": train, "val": val}
 
 
+def loss_table(log_history: list[dict[str, Any]]) -> Table:
+    """Each evaluation with the mean training loss logged since the one before, from the Trainer's own history."""
+    table = Table(title="Evaluation on the validation split (* = new best)", title_justify="left")
+    for column in ("epoch", "step", "train loss", "val loss", "best val loss"):
+        table.add_column(column, justify="right")
+    recent: list[float] = []
+    best = math.inf
+    for entry in log_history:
+        if "loss" in entry:
+            recent.append(float(entry["loss"]))
+        if "eval_loss" not in entry:
+            continue
+        val = float(entry["eval_loss"])
+        if entry["step"] == 0:  # the untrained model: a baseline, not a checkpoint that could be kept
+            table.add_row("0.00", "0", "", f"{val:.4f}", "(before training)")
+            continue
+        best = min(best, val)
+        train = f"{sum(recent) / len(recent):.4f}" if recent else "-"
+        recent = []
+        table.add_row(f"{entry.get('epoch') or 0.0:.2f}", str(entry["step"]), train, f"{val:.4f}",
+                      f"{best:.4f}" + (" *" if val <= best else ""))
+    return table
+
+
 def plot_losses(curves: dict[str, list[dict[str, float]]], best_step: int | None, path: Path) -> None:
     """Training and validation loss against the step: where the two part ways, the model starts to overfit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     if curves["train"]:
         ax.plot([p["step"] for p in curves["train"]], [p["loss"] for p in curves["train"]], label="train")
     if curves["val"]:
@@ -595,11 +608,8 @@ def plot_losses(curves: dict[str, list[dict[str, float]]], best_step: int | None
     ax.set_ylabel("loss (assistant tokens)")
     ax.legend()
     ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=120))
 
 
 def save_adapter(trainer: Any, base_path: str, out_dir: Path) -> None:
@@ -616,6 +626,7 @@ def save_adapter(trainer: Any, base_path: str, out_dir: Path) -> None:
 def save_interrupted(trainer: Any, out_dir: Path, argv: list[str]) -> None:
     """Ctrl-C: save the trainer's full state as a checkpoint, then say how to continue."""
     trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # progress bar, loggers
+    console.print(loss_table(trainer.state.log_history))
     step = trainer.state.global_step
     if step == 0:
         console.print("\n[yellow]Interrupted before the first step[/]: nothing to save.")
@@ -704,6 +715,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         write_json(out_dir / "metrics.json", {**curves, "best_val_loss": state.best_metric, "best_step": best_step})
         plot_losses(curves, best_step, out_dir / "loss.png")
         write_run_info(out_dir, config_record(args), data["files"], info)
+        console.print(loss_table(state.log_history))
         print_summary(info, out_dir)
     del trainer, model
     models.free_memory()
@@ -723,95 +735,82 @@ def print_summary(info: dict[str, Any], out_dir: Path) -> None:
         console.print("Stopped early: the validation loss stopped improving (see loss.png).")
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sweep
 # ---------------------------------------------------------------------------------------------------------------
 
-def trial_args(args: argparse.Namespace, trial: dict[str, Any]) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), **trial, "sweep": False, "export": []})
-
-
-def run_trial(args: argparse.Namespace, number: int, trial: dict[str, Any], out_dir: Path, base_path: str,
-              tokenizer: Any, data: dict[str, Any], argv: list[str]) -> dict[str, Any]:
-    """A finished trial is read back under --resume; an interrupted one continues from its checkpoint."""
-    trial_dir = out_dir / "sweep" / f"trial-{number}"
-    info_file = trial_dir / "run_info.json"
-    if args.resume and info_file.is_file():
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-        if info.get("status") == "done":
-            console.print(f"trial {number}: finished earlier, best val loss {info['best_val_loss']:.4f}")
-            return {**trial, "trial": number, **info}
-    console.rule(f"trial {number}: " + ", ".join(f"{k}={v}" for k, v in trial.items()))
-    resume = args.resume and last_checkpoint(trial_dir) is not None
-    info = train_once(argparse.Namespace(**{**vars(trial_args(args, trial)), "resume": resume}), trial_dir,
-                      base_path, tokenizer, data, argv)
-    return {**trial, "trial": number, **info}
-
-
-def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [dict(zip(TRIAL_KEYS, values, strict=True))
-            for values in itertools.product(args.sweep_lr, args.sweep_epochs, args.sweep_batch_size)]
+def trial_args(args: argparse.Namespace, choice: dict[str, Any], resume: bool = False) -> argparse.Namespace:
+    """One trial's settings: the run's, with the trial's choice, training one run."""
+    return argparse.Namespace(**{**vars(args), **choice, "sweep": False, "export": [], "resume": resume})
 
 
 def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
               argv: list[str]) -> list[dict[str, Any]]:
-    """Each trial a real run with early stopping; the table ranks them by their best validation loss."""
+    """Each trial a real run with early stopping in OUT/sweep/trial-K, chosen by Optuna: every point of the grid
+    (GridSampler) or --sweep-optuna-trials draws of TPE, seeded by --seed. The study lives in OUT/sweep/optuna.db:
+    --resume keeps its finished trials and continues an interrupted one from its last checkpoint."""
+    import optuna
+    from optuna.trial import TrialState
+
     sweep_dir = out_dir / "sweep"
-    results = []
+    db = sweep_dir / "optuna.db"
+    if db.exists() and not args.resume:
+        raise RunError(f"{sweep_dir} holds an earlier Optuna study: pass --resume or another --out")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    space = {"lr": args.sweep_lr, "epochs": args.sweep_epochs, "batch_size": args.sweep_batch_size}
     if args.sweep_optuna_trials:
-        results = optuna_search(args, out_dir, base_path, tokenizer, data, argv)
+        sampler, size = optuna.samplers.TPESampler(seed=args.seed), args.sweep_optuna_trials
     else:
-        for number, trial in enumerate(grid(args), 1):
-            results.append(run_trial(args, number, trial, out_dir, base_path, tokenizer, data, argv))
-    ranked = sorted(results, key=lambda r: r["best_val_loss"])
+        sampler, size = optuna.samplers.GridSampler(space, seed=args.seed), math.prod(map(len, space.values()))
+    study = optuna.create_study(study_name="finetune", storage=f"sqlite:///{db.resolve()}", load_if_exists=True,
+                                direction="minimize", sampler=sampler)
+    finished = {t.user_attrs["folder"] for t in study.trials if t.state == TrialState.COMPLETE}
+    for t in study.trials:
+        if t.state == TrialState.COMPLETE:
+            console.print(f"trial {t.user_attrs['folder']}: finished earlier, best val loss {t.value:.4f}")
+        elif t.state == TrialState.RUNNING:  # its process was stopped: the trial continues under a new number
+            study.tell(t.number, state=TrialState.FAIL)
+    interrupted = {t.user_attrs["folder"]: t.params for t in study.trials
+                   if "folder" in t.user_attrs and t.user_attrs["folder"] not in finished}
+    for folder, params in interrupted.items():
+        study.enqueue_trial(params, user_attrs={"folder": folder, "interrupted": True})
+    folders = iter(range(1 + max((t.user_attrs.get("folder", 0) for t in study.trials), default=0), 10**9))
+    low, high = min(args.sweep_lr), max(args.sweep_lr)
+
+    def objective(trial: optuna.Trial) -> float:
+        choice = {
+            "lr": trial.suggest_float("lr", low, high, log=True) if args.sweep_optuna_trials and high > low
+            else trial.suggest_categorical("lr", args.sweep_lr),
+            "epochs": trial.suggest_categorical("epochs", args.sweep_epochs),
+            "batch_size": trial.suggest_categorical("batch_size", args.sweep_batch_size),
+        }
+        folder = trial.user_attrs.get("folder") or next(folders)
+        trial.set_user_attr("folder", folder)
+        trial_dir = sweep_dir / f"trial-{folder}"
+        resume = bool(trial.user_attrs.get("interrupted")) and last_checkpoint(trial_dir) is not None
+        console.rule(f"trial {folder}: " + ", ".join(f"{k}={v}" for k, v in choice.items()))
+        info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        trial.set_user_attr("result", {**choice, "trial": folder, **info})
+        return info["best_val_loss"]
+
+    study.optimize(objective, n_trials=max(0, size - len(finished)))
+    ranked = sorted((t.user_attrs["result"] for t in study.trials if t.state == TrialState.COMPLETE),
+                    key=lambda r: r["best_val_loss"])
     if is_main_process():
         write_sweep_results(ranked, sweep_dir)
-        best_config = {k: v for k, v in config_record(trial_args(args, {k: ranked[0][k] for k in TRIAL_KEYS})).items()
-                       if k not in NOT_IN_BEST_CONFIG}
+        best = {k: v for k, v in config_record(trial_args(args, {k: ranked[0][k] for k in TRIAL_KEYS})).items()
+                if k not in NOT_IN_BEST_CONFIG}
         atomic_write_text(sweep_dir / "best_config.yaml",
                           "# The best trial's settings; use them with: python finetune.py --config "
                           f"{sweep_dir / 'best_config.yaml'} --out RUN_DIR\n"
-                          + yaml.safe_dump({"finetune": best_config}, sort_keys=True))
+                          + yaml.safe_dump({"finetune": best}, sort_keys=True))
         console.print(f"Best: trial {ranked[0]['trial']} " + ", ".join(f"{k}={ranked[0][k]}" for k in TRIAL_KEYS)
                       + ". Final run:")
         console.print(f"  python finetune.py --config {sweep_dir / 'best_config.yaml'} --out RUN_DIR", soft_wrap=True,
                       markup=False, highlight=False)
     return ranked
-
-
-def optuna_search(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
-                  argv: list[str]) -> list[dict[str, Any]]:
-    """TPE over the learning-rate range and the epoch and batch-size choices, seeded; stored in SQLite so that
-    --resume continues the same study."""
-    try:
-        import optuna
-    except ImportError:
-        raise SystemExit("error: --sweep-optuna-trials needs Optuna: pip install optuna") from None
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    (out_dir / "sweep").mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(out_dir / 'sweep' / 'optuna.db').resolve()}"
-    if not args.resume and (out_dir / "sweep" / "optuna.db").exists():
-        raise SystemExit(f"error: {out_dir / 'sweep'} holds an earlier Optuna study: pass --resume or another --out")
-    study = optuna.create_study(study_name="finetune", storage=storage, load_if_exists=True, direction="minimize",
-                                sampler=optuna.samplers.TPESampler(seed=args.seed))
-    results = [t.user_attrs["result"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    low, high = min(args.sweep_lr), max(args.sweep_lr)
-
-    def objective(trial: Any) -> float:
-        choice = {
-            "lr": trial.suggest_float("lr", low, high, log=True) if high > low else low,
-            "epochs": trial.suggest_categorical("epochs", args.sweep_epochs),
-            "batch_size": trial.suggest_categorical("batch_size", args.sweep_batch_size),
-        }
-        result = run_trial(argparse.Namespace(**{**vars(args), "resume": False}), trial.number + 1, choice,
-                           out_dir, base_path, tokenizer, data, argv)
-        trial.set_user_attr("result", result)
-        results.append(result)
-        return result["best_val_loss"]
-
-    study.optimize(objective, n_trials=max(0, args.sweep_optuna_trials - len(results)))
-    return results
 
 
 def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
@@ -823,10 +822,8 @@ def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(sweep_dir / "results.csv", buffer.getvalue())
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    atomic_write_text(sweep_dir / "results.md",
-                      "# Sweep results, ranked by best validation loss\n\n" + "\n".join(md) + "\n")
+    atomic_write_text(sweep_dir / "results.md", "# Sweep results, ranked by best validation loss\n\n"
+                      + markdown_table(columns, ([row[c] for c in columns] for row in rows)) + "\n")
     table = Table(title="Sweep, ranked by best validation loss", title_justify="left")
     for header in ("rank", "trial", "lr", "epochs", "batch", "best val loss", "best step", "stopped early"):
         table.add_column(header, justify="right")
@@ -845,7 +842,7 @@ def finished_run_base(out_dir: Path) -> str:
     """The base model a finished run trained, from its run_info.json, for --export-only."""
     info = models.read_run_info(out_dir) if (out_dir / "adapter_model.safetensors").is_file() else {}
     if not info:
-        sys.exit(f"--export-only: {out_dir} holds no finished run (adapter_model.safetensors and run_info.json)")
+        raise RunError(f"--export-only: {out_dir} holds no finished run (adapter_model.safetensors and run_info.json)")
     return info["base_model"]
 
 
@@ -857,69 +854,6 @@ def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:
     if "gguf" in args.export:
         template = models.MISTRAL_CHAT_TEMPLATE if models.is_mistral(base_path) else None
         export_gguf(merged, out_dir / "gguf", args.quant, llama_cpp=args.llama_cpp, chat_template=template)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------------------------
-
-def announce_model(args: argparse.Namespace) -> None:
-    if args.model is None:
-        args.model = models.default_model()
-        if args.model == "smollm2":
-            console.print("No GPU found: fine-tuning SmolLM2-135M-Instruct on the CPU (--model to choose another).")
-    if args.model == "tiny":
-        console.print("[yellow]--model tiny has random weights: this run tests the pipeline, its losses and "
-                      "scores mean nothing about quality.[/]")
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
-    args = parse_args(parser, argv, section="finetune")
-    check_args(parser, args)
-    return args
-
-
-def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, list[dict[str, Any]]],
-                    data_dir: Path) -> dict[str, Any]:
-    """Both splits as datasets of input_ids + completion_mask, after refusing records that would train on nothing."""
-    data: dict[str, Any] = {"files": [data_dir / f"{s}.jsonl" for s in REQUIRED_SPLITS]}
-    for split in REQUIRED_SPLITS:
-        encoded = encode_records(tokenizer, records[split])
-        truncated = check_lengths(records[split], encoded, args.max_seq_length)
-        if truncated:
-            console.print(f"[yellow]{truncated} {split} record(s) are longer than --max-seq-length "
-                          f"{args.max_seq_length}: their last steps and end-of-turn token are cut[/]")
-        data[split] = to_dataset(encoded)
-    return data
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse(argv)
-    out_dir = Path(args.out)
-    if args.export_only:
-        export(args, finished_run_base(out_dir), out_dir)
-        return
-    data_dir = Path(args.data)
-    records = load_splits(data_dir)  # cheap checks before the slow imports
-    announce_model(args)
-    import_engine(args.engine)
-    import datasets
-
-    datasets.disable_progress_bars()
-    base_path = models.resolve_model(args.model)
-    tokenizer = models.load_tokenizer(base_path)
-    data = tokenize_splits(args, tokenizer, records, data_dir)
-    console.print(f"{base_path} ({args.engine} engine): {len(data['train'])} training and {len(data['val'])} "
-                  f"validation records")
-
-    if args.sweep:
-        run_sweep(args, out_dir, base_path, tokenizer, data, argv)
-        return
-    train_once(args, out_dir, base_path, tokenizer, data, argv)
-    if args.export and is_main_process():
-        export(args, base_path, out_dir)
 
 
 if __name__ == "__main__":

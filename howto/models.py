@@ -138,8 +138,8 @@ def resolve_model(name: str | None) -> str:
     return ALIASES.get(name, name)
 
 
-def load_tokenizer(model: str) -> Any:
-    """The model's own tokenizer, with its chat template.
+def load_tokenizer(model: str, offline: bool = False) -> Any:
+    """The model's own tokenizer, with its chat template; with `offline`, never from the hub.
 
     Mistral goes through transformers' MistralCommonBackend, which is mistral-common itself: the SentencePiece file
     converted by transformers orders merges wrongly on runs of spaces, so its ids differ from Mistral's own.
@@ -151,13 +151,15 @@ def load_tokenizer(model: str) -> Any:
         path = Path(model)
         if path.is_dir():
             return MistralCommonBackend.from_pretrained(str(path))
-        try:
-            return MistralCommonBackend.from_pretrained(model)
-        except OSError:
-            folder = atomic_dir(cache_dir() / "mistral-v3-tokenizer",
-                                  lambda f: shutil.copy(mistral_tokenizer_file(), f / "tokenizer.model.v3"))
-            return MistralCommonBackend.from_pretrained(str(folder))
-    tokenizer = AutoTokenizer.from_pretrained(model)
+        if not offline:
+            try:
+                return MistralCommonBackend.from_pretrained(model)
+            except OSError:
+                pass
+        folder = atomic_dir(cache_dir() / "mistral-v3-tokenizer",
+                            lambda f: shutil.copy(mistral_tokenizer_file(), f / "tokenizer.model.v3"))
+        return MistralCommonBackend.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=offline)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 import finetune
 from howto import chat
@@ -268,7 +269,7 @@ def build_trainer(argv: list[str]) -> tuple:
     records = finetune.load_splits(Path(args.data))
     base = models.resolve_model(args.model)
     tokenizer = models.load_tokenizer(base)
-    data = finetune.tokenize_splits(args, tokenizer, records, Path(args.data))
+    data = finetune.tokenize_splits(args, tokenizer, records, Path(args.out), Console(record=True))
     precision, _ = finetune.choose_precision(args.engine)
     model = finetune.load_model(args, base, precision)
     return finetune.build_trainer(model, tokenizer, data["train"], data["val"], args, Path(args.out), precision), \
@@ -328,7 +329,8 @@ def test_records_that_would_train_on_nothing_are_refused_by_name(tmp_path, capsy
     write_split(folder, "train", howto_records(TRAIN_APPS[:2])[:3]
                 + [{"prompt": "How do I do a long thing?", "response": long_steps}])
     long_prompt = "How do I " + "really " * 80 + "reset my password?"
-    write_split(folder, "val", [howto_records(VAL_APPS)[0], {"prompt": long_prompt, "response": ["Open the app"]}])
+    write_split(folder, "val", [howto_records(VAL_APPS)[0],
+                                {"prompt": long_prompt, "response": ["Open the app", "Tap 'Reset'"]}])
     with pytest.raises(SystemExit) as exc:
         finetune.main(["--data", str(folder), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"])
     message = str(exc.value)

@@ -256,6 +256,29 @@ def test_resume_without_a_checkpoint_and_reuse_of_a_run_folder_are_refused(small
         finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf"])
 
 
+def test_resume_with_other_data_is_refused_and_rewrites_nothing(small_data, learnable_data, tmp_path):
+    """Issue 11: --resume on another --data used to train nothing, exit 0 and rewrite the run's records."""
+    from howto.runio import write_run_info
+
+    out = tmp_path / "run"
+    files = [small_data / "train.jsonl", small_data / "val.jsonl"]
+    write_run_info(out, {"data": str(small_data)}, files, {"base_model": "tiny", "status": "interrupted"})
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    before = {name: (out / name).read_bytes() for name in ("run_info.json", "config.yaml")}
+    with pytest.raises(SystemExit, match=r"--resume: .*run_info.json trained on other data .*resume with the --data"):
+        finetune.main(["--data", str(learnable_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_data_file_and_out_file_are_refused_before_any_work(learnable_data, tmp_path):
+    base = [*TINY, "--engine", "hf"]
+    with pytest.raises(SystemExit, match="is a file; --data takes the folder prepare_data.py --out wrote"):
+        finetune.main(["--data", str(learnable_data / "train.jsonl"), "--out", str(tmp_path / "run"), *base])
+    (tmp_path / "taken").write_text("a file\n")
+    with pytest.raises(SystemExit, match="--out .*taken: is a file, not a folder"):
+        finetune.main(["--data", str(learnable_data), "--out", str(tmp_path / "taken"), *base])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The label mask, token by token, for both engines
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,19 +1,27 @@
 #!/usr/bin/env python
 """Turn raw how-to records into a clean, deduplicated, tokenized and split dataset.
 
-    python prepare_data.py data/howto_steps.jsonl --out prepared
+    python prepare_data.py data/howto_steps.jsonl --out runs/data
+    python prepare_data.py my_data/ more.csv --out runs/data --model smollm2 --skip-invalid --seed 1
+    python prepare_data.py data/howto_steps.jsonl --out runs/data --config configs/cpu.yaml
+
+Inputs: JSON (one record or a list), JSONL, Alpaca-style JSON/JSONL and CSV files, or folders of them (see
+howto/records.py). Settings, as flags or keys of a --config YAML (`--help` lists them with their defaults):
+--split and --seed (the stratified split), --near-dup-threshold, --thin-threshold, --model with --max-seq-length and
+--overlong (token lengths in the model's own chat format), --skip-invalid, --keep-case, --keep-punctuation, and
+--augment with its --augment-* settings (new records for thin categories from an OpenAI-compatible LLM).
 
 Stages, in order: load -> validate -> redact sensitive data -> normalise -> deduplicate -> balance report ->
 (augment thin categories) -> token lengths -> split -> write. Redaction runs before anything is written, and
-near-duplicates stay in one split so that the test set never holds a paraphrase of a training record. The same
-input and seed give byte-identical train/val/test files, stats.json, report.md and distributions.png.
+near-duplicates stay in one split so that the test set never holds a paraphrase of a training record. Every record
+dropped on the way is counted in stats.json with the reason. OUT (train/val/test.jsonl, stats.json, report.md,
+distributions.png, config.yaml, run_info.json) is built beside its final place and swapped in whole, so a failed
+rerun never leaves old and new files mixed. The same input and seed give byte-identical outputs.
 """
 from __future__ import annotations
 
 import argparse
-import bisect
-import csv
-import io
+import hashlib
 import json
 import random
 import re
@@ -33,30 +41,64 @@ from rich.progress import track
 from rich.table import Table
 
 from howto.augment import augment
-from howto.chat import encode_example, parse_steps, strip_numbering
+from howto.chat import encode_example
+from howto.collect import DOCUMENT_SUFFIXES, collect_inputs, collected_section
 from howto.llm import ChatClient, LLMError
 from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
-from howto.runio import atomic_write_bytes, atomic_write_text, parse_args, write_json, write_jsonl, write_run_info
+from howto.records import SUFFIXES, Raw, RecordError, read_records, to_record
+from howto.review import write_review
+from howto.runio import (RunError, atomic_dir, check_out_dir, figure_png, library_versions, markdown_table,
+                         parse_args, pyplot, write_json, write_jsonl, write_run_info)
 
 SPLITS = ("train", "val", "test")
-DATA_SUFFIXES = (".json", ".jsonl", ".csv")
-UNCATEGORIZED = "uncategorized"
+OUTPUTS = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "report.md", "distributions.png", "config.yaml",
+           "run_info.json")
 MAX_LISTED = 200  # entries per list in stats.json and report.md; counts are always complete
+INPUT_SUFFIXES = (*SUFFIXES, *DOCUMENT_SUFFIXES)  # records, and raw sources for howto.collect
 
 console = Console(stderr=True)  # progress bars and messages; the summary table goes to stdout
 
 
-def say(message: str, style: str | None = None) -> None:
-    """A message as written: no markup (placeholders look like tags) and no wrapping, so logs can be grepped."""
-    console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    clock = Stopwatch()
+    try:
+        out = check_out(args.out)  # before any slow work
+        files = find_input_files(args.inputs, out)
+        llm = ChatClient.from_settings(args.augment_url, args.augment_model, key_env=args.augment_key_env) \
+            if args.extract_llm else None
+        collection = collect_inputs(files, llm, args.extract_llm_max_requests)
+        raws = clock.lap("load", load_inputs(files, collection))
+        items, skipped, unknown = clock.lap("validate", validate(raws, args.skip_invalid))
+        pii = clock.lap("redact", redact_items(items))
+        if args.review:  # people review what was collected, redacted; their export comes back as an input
+            write_review(args.review, [item.record for item in items])
+            say(f"{len(items)} records written for review to {args.review} (Label Studio and sheet)")
+            return 0
+        items, normalisation = clock.lap("normalise", normalize_items(items, not args.keep_case,
+                                                                      not args.keep_punctuation))
+        if not items:
+            raise RunError("no valid record left to prepare")
+        items, dedup = clock.lap("deduplicate", deduplicate(items, args.near_dup_threshold))
+        balance = clock.lap("balance", balance_report(items, args.thin_threshold))
+        augmentation = None
+        if args.augment:
+            items, dedup, balance, augmentation = clock.lap("augment", augment_and_deduplicate(items, balance,
+                                                                                               dedup, args))
+        items, lengths, tokens = clock.lap("tokenize", measure_tokens(items, args))
+        splits = clock.lap("split", split_records(items, args.split, args.seed))
+        stats = collect_stats(args, files, raws, skipped, unknown, pii, normalisation, dedup, balance,
+                              augmentation, tokens, splits)
+        stats["collected"] = collection.report
+        clock.lap("write", write_outputs(out, splits, items, lengths, stats, args, files, clock.timings))
+    except (RunError, LLMError) as e:
+        say(f"error: {e}", "red")
+        return 1
+    print_summary(stats, clock.timings, out)
+    return 0
 
 
-def progress(items: Iterable, description: str, total: int | None = None) -> Iterable:
-    """A progress bar on a terminal; nothing in logs, where a bar would only leave blank lines."""
-    return track(items, description=description, total=total, console=console, transient=True,
-                 disable=not console.is_terminal)
-
-
+# ------------------------------------------------------------------------------------------------- settings
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Validate, redact, normalise, deduplicate, report on, tokenize and split how-to records.")
@@ -98,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most new records augmentation may add (default: %(default)s)")
     p.add_argument("--augment-max-requests", type=int, default=50, metavar="N",
                    help="most chat requests augmentation may make, retries not counted (default: %(default)s)")
+    p.add_argument("--extract-llm", action="store_true",
+                   help="send prose sections and chats that the rules find no steps in to the --augment-url LLM")
+    p.add_argument("--extract-llm-max-requests", type=int, default=50, metavar="N",
+                   help="most chat requests LLM extraction may make (default: %(default)s)")
+    p.add_argument("--review", metavar="DIR",
+                   help="stop after extraction and redaction and write a Label Studio config and tasks and an "
+                        "editable review.jsonl/review.csv sheet to DIR")
     return p
 
 
@@ -111,21 +160,17 @@ def split_ratios(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-class DataError(Exception):
-    """Input that cannot be read at all (a missing file, malformed JSON): the run stops, even with --skip-invalid."""
-
-
-@dataclass(slots=True)
-class Raw:
-    """A record as read, before validation, with where it came from."""
-    data: Any
-    file: str
-    line: int
-    index: int
-    kind: str  # "json" (also JSONL and Alpaca) or "csv"
-
-    def where(self) -> str:
-        return f"{self.file}{f':{self.line}' if self.line else ''}: record index {self.index}"
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Flags and --config, through the same checks."""
+    parser = build_parser()
+    args = parse_args(parser, argv, section="prepare_data")
+    if not args.inputs:
+        parser.error("give at least one INPUT file or folder")
+    if not 0 < args.near_dup_threshold <= 1:
+        parser.error("--near-dup-threshold must be in (0, 1]")
+    if args.max_seq_length < 1:
+        parser.error("--max-seq-length must be at least 1")
+    return args
 
 
 @dataclass(slots=True)
@@ -136,229 +181,91 @@ class Item:
     group: int = -1
 
 
-# --------------------------------------------------------------------------------------------------- loading
-def find_input_files(inputs: Iterable[str], out: str | Path | None = None) -> list[Path]:
+class Stopwatch:
+    """Seconds per stage, for the summary and run_info.json."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str, result: Any = None) -> Any:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self.start, 3)
+        self.start = now
+        return result
+
+
+def say(message: str, style: str | None = None) -> None:
+    """A message as written: no markup (placeholders look like tags) and no wrapping, so logs can be grepped."""
+    console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def progress(items: Iterable, description: str, total: int | None = None) -> Iterable:
+    """A progress bar on a terminal; nothing in logs, where a bar would only leave blank lines."""
+    return track(items, description=description, total=total, console=console, transient=True,
+                 disable=not console.is_terminal)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def check_out(out: str) -> Path:
+    """The output folder can be written, and replacing it loses nothing that this script did not write."""
+    path = check_out_dir(out)
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in OUTPUTS) if path.is_dir() else []
+    if foreign:
+        raise RunError(f"--out {path}: holds {', '.join(foreign[:5])}{' ...' * (len(foreign) > 5)}, which "
+                       "prepare_data.py did not write; the folder is replaced as a whole, so give a new or empty one")
+    return path
+
+
+def find_input_files(inputs: Iterable[str], out: Path | None = None) -> list[Path]:
     """Files as given, and the .json/.jsonl/.csv files under folders, sorted so that runs are reproducible.
 
     A folder scan leaves out the output folder, so that a rerun never reads its own earlier outputs as data.
     """
-    skip = Path(out).resolve() if out else None
+    skip = out.resolve() if out else None
     files: list[Path] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES
                            and not (skip and p.resolve().is_relative_to(skip)))
             if not found:
-                raise DataError(f"{path}: folder holds no .json, .jsonl or .csv file")
+                raise RunError(f"{path}: folder holds no {', '.join(INPUT_SUFFIXES)} file")
             files.extend(found)
         elif path.is_file():
-            if path.suffix.lower() not in DATA_SUFFIXES:
-                raise DataError(f"{path}: unsupported file type (expected .json, .jsonl or .csv)")
+            if path.suffix.lower() not in INPUT_SUFFIXES:
+                raise RunError(f"{path}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
             files.append(path)
         else:
-            raise DataError(f"{path}: no such file or folder")
+            raise RunError(f"{path}: no such file or folder")
     return files
 
 
-def json_error(path: Path, text: str, e: json.JSONDecodeError, first_line: int = 1) -> str:
-    """A JSON syntax error as file:line:column, the line itself with a caret, and a hint for the usual causes.
-
-    `first_line` is the file line where `text` starts (a JSONL line is parsed on its own).
-    """
-    line = e.lineno + first_line - 1
-    message = f"{path}:{line}:{e.colno}: malformed JSON at line {line}, column {e.colno}: {e.msg}"
-    if e.msg == "Expecting ',' delimiter":
-        previous = text[: e.pos].rstrip().count("\n") + first_line
-        place = "before this value" if previous == line else f"at the end of line {previous}"
-        message += f"; a comma is probably missing {place} (two values are never merged into one)"
-    elif e.msg == "Extra data" and path.suffix.lower() == ".json":
-        message += "; a .json file holds one record or one list of records (one record a line is .jsonl)"
-    lines = text.splitlines()
-    if 0 < e.lineno <= len(lines):
-        message += f"\n    {line} | {lines[e.lineno - 1]}\n    {' ' * len(str(line))} | {' ' * (e.colno - 1)}^"
-    return message
-
-
-def load_json(path: Path) -> list[Raw]:
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(json_error(path, text, e)) from None
-    if isinstance(value, dict):
-        start = len(text) - len(text.lstrip())
-        return [Raw(value, str(path), text.count("\n", 0, start) + 1, 0, "json")]
-    if not isinstance(value, list):
-        raise DataError(f"{path}: expected a record or a list of records, got {json_type(value)}")
-    lines = element_lines(text)
-    return [Raw(v, str(path), line, i, "json") for i, (v, line) in enumerate(zip(value, lines))]
-
-
-def element_lines(text: str) -> list[int]:
-    """The line where each element of a top-level JSON array starts (the text is known to be valid JSON)."""
-    decoder = json.JSONDecoder()
-    separators = re.compile(r"[\s,]*")
-    newlines = [m.start() for m in re.finditer("\n", text)]
-    starts = []
-    pos = text.index("[") + 1
-    while True:
-        pos = separators.match(text, pos).end()
-        if text[pos] == "]":
-            break
-        starts.append(bisect.bisect_left(newlines, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
-    return starts
-
-
-def load_jsonl(path: Path) -> tuple[list[Raw], list[str]]:
-    """Records of a JSONL file; a broken line is an invalid record (skippable), named with line and column."""
-    raws, errors = [], []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                raws.append(Raw(json.loads(line), str(path), lineno, len(raws) + len(errors), "json"))
-            except json.JSONDecodeError as e:
-                errors.append(json_error(path, line, e, first_line=lineno))
-    return raws, errors
-
-
-def load_csv(path: Path) -> list[Raw]:
-    """Rows of a CSV file with a header: `prompt` and `steps` (or `response`) columns, optional category/source."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "prompt" not in columns or not {"steps", "response"} & set(columns):
-            raise DataError(f"{path}:1: a CSV needs a header with 'prompt' and 'steps' (or 'response') columns, "
-                            f"found {columns}")
-        raws, line = [], 2
-        for index, row in enumerate(reader):
-            raws.append(Raw(row, str(path), line, index, "csv"))
-            line = reader.line_num + 1
+def load_inputs(files: list[Path], collection: Any) -> list[Raw]:
+    """All records of all files, in file order (collected from raw sources and reviews by howto.collect); those
+    that could not be read carry their problem."""
+    raws: list[Raw] = []
+    for path in progress(files, "load"):
+        raws += [Raw(r, str(path), line, k, "json") for k, (line, r) in enumerate(collection.of(path))] \
+            if str(path) in collection.files else read_records(path)
     return raws
 
 
-def load_inputs(files: list[Path]) -> tuple[list[Raw], list[str]]:
-    """All records of all files, in file order, and the JSONL lines that could not be parsed."""
-    raws: list[Raw] = []
-    errors: list[str] = []
-    for path in progress(files, "load"):
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".jsonl":
-                found, broken = load_jsonl(path)
-                raws += found
-                errors += broken
-            elif suffix == ".csv":
-                raws += load_csv(path)
-            else:
-                raws += load_json(path)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-        except csv.Error as e:
-            raise DataError(f"{path}: malformed CSV: {e}") from None
-    return raws, errors
-
-
-# ------------------------------------------------------------------------------------------------ validation
-FIELDS = {
-    "json": {"prompt", "response", "category", "source"},
-    "alpaca": {"instruction", "input", "output", "category", "source"},
-    "csv": {"prompt", "steps", "response", "category", "source"},
-}
-
-
-class RecordError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"field '{field}': {message}")
-
-
-def json_type(value: Any) -> str:
-    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-             dict: "object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def check_text(value: Any, field: str, present: bool) -> str:
-    if not present:
-        raise RecordError(field, "missing")
-    if not isinstance(value, str):
-        raise RecordError(field, f"must be a string, got {json_type(value)}")
-    if not value.strip():
-        raise RecordError(field, "is empty")
-    return value.strip()
-
-
-def check_steps(steps: Any, field: str, present: bool) -> list[str]:
-    """A how-to answer is a list of at least two non-empty strings."""
-    if not present:
-        raise RecordError(field, "missing")
-    if not isinstance(steps, list):
-        raise RecordError(field, f"must be an array of step strings, got {json_type(steps)}")
-    if not steps:
-        raise RecordError(field, "empty step list")
-    for k, step in enumerate(steps):
-        if not isinstance(step, str):
-            raise RecordError(f"{field}[{k}]", f"step must be a string, got {json_type(step)}")
-        if not step.strip():
-            raise RecordError(f"{field}[{k}]", "empty step")
-    if len(steps) == 1:
-        raise RecordError(field, "only one step: a how-to answer needs at least two")
-    return strip_numbering([s.strip() for s in steps])
-
-
-def steps_from_text(text: Any, field: str, present: bool) -> Any:
-    """A CSV cell or an Alpaca output: a JSON array of strings, or numbered/bulleted lines (as the model writes)."""
-    if not present or not isinstance(text, str):
-        return text
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(field, f"not a valid JSON array: {e.msg} at column {e.colno}") from None
-    return parse_steps(text)
-
-
-def optional_label(data: dict, field: str) -> str | None:
-    value = data.get(field)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, str):
-        raise RecordError(field, f"must be a string, got {json_type(value)}")
-    return value.strip()
-
-
-def to_record(raw: Raw) -> tuple[dict[str, Any], set[str]]:
-    """The canonical record {prompt, response, category[, source]} and the unknown fields that were ignored."""
-    data = raw.data
-    if not isinstance(data, dict):
-        raise RecordError("(record)", f"expected an object with prompt and response, got {json_type(data)}")
-    if raw.kind == "csv":
-        kind, field = "csv", "steps" if "steps" in data else "response"
-        prompt = check_text(data.get("prompt"), "prompt", True)
-        steps = check_steps(steps_from_text(data.get(field), field, True), field, True)
-    elif "prompt" not in data and "instruction" in data:
-        kind = "alpaca"
-        prompt = check_text(data["instruction"], "instruction", True)
-        extra = data.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise RecordError("input", f"must be a string, got {json_type(extra)}")
-        if extra and extra.strip():
-            prompt = f"{prompt}\n{extra.strip()}"
-        steps = check_steps(steps_from_text(data.get("output"), "output", "output" in data), "output",
-                            "output" in data)
-    else:
-        kind = "json"
-        prompt = check_text(data.get("prompt"), "prompt", "prompt" in data)
-        steps = check_steps(data.get("response"), "response", "response" in data)
-    record: dict[str, Any] = {"prompt": prompt, "response": steps,
-                              "category": optional_label(data, "category") or UNCATEGORIZED}
-    source = optional_label(data, "source")
-    if source:
-        record["source"] = source
-    return record, set(data) - FIELDS[kind]
+def validate(raws: list[Raw], skip_invalid: bool) -> tuple[list[Item], list[str], Counter]:
+    """Valid records; invalid ones stop the run (all listed, in file and line order) unless they may be skipped."""
+    items, errors, unknown = validate_records(raws)
+    if errors and not skip_invalid:
+        for e in errors[:50]:
+            say(f"error: {e}", "red")
+        more = f" ({len(errors) - 50} more not shown)" if len(errors) > 50 else ""
+        raise RunError(f"{len(errors)} invalid record{'s' * (len(errors) > 1)}{more}: fix them or run with "
+                       "--skip-invalid")
+    for e in errors[:50]:
+        say(f"skipped: {e}", "yellow")
+    if unknown:
+        say("warning: ignoring unknown fields " + ", ".join(f"'{k}' ({n} records)" for k, n in sorted(unknown.items())),
+            "yellow")
+    return items, errors, unknown
 
 
 def validate_records(raws: list[Raw]) -> tuple[list[Item], list[str], Counter]:
@@ -366,9 +273,11 @@ def validate_records(raws: list[Raw]) -> tuple[list[Item], list[str], Counter]:
     items, errors, unknown = [], [], Counter()
     for raw in progress(raws, "validate"):
         try:
+            if raw.problem:
+                raise RecordError(None, raw.problem)
             record, extra = to_record(raw)
         except RecordError as e:
-            errors.append(f"{raw.where()}, {e}")
+            errors.append(str(e) if raw.problem else f"{raw.where()}, {e}")
             continue
         unknown.update(extra)
         items.append(Item(record, raw.where()))
@@ -376,7 +285,7 @@ def validate_records(raws: list[Raw]) -> tuple[list[Item], list[str], Counter]:
 
 
 # ------------------------------------------------------------------------------------ redaction, normalisation
-def redact_items(items: list[Item]) -> tuple[Counter, int]:
+def redact_items(items: list[Item]) -> dict[str, Any]:
     """Replace sensitive spans by typed placeholders in place; counts by type and how many records had any."""
     total: Counter = Counter()
     touched = 0
@@ -384,7 +293,8 @@ def redact_items(items: list[Item]) -> tuple[Counter, int]:
         item.record, found = redact_record(item.record)
         total.update(found)
         touched += bool(found)
-    return total, touched
+    return {"replaced": dict(sorted(total.items())), "total": sum(total.values()), "records_with_pii": touched,
+            "name_detection": name_detection_available()}
 
 
 _APOSTROPHE = re.compile(r"(?<=\w)['\u2019](?=\w)")  # don't -> dont: one word, as a user types it
@@ -411,20 +321,35 @@ def _normalize_piece(text: str, lowercase: bool, strip_punctuation: bool) -> str
     return text
 
 
-def normalize_items(items: list[Item], lowercase: bool, strip_punctuation: bool) -> tuple[list[Item], list[str]]:
-    """Normalised records; a record whose prompt or steps are only punctuation is dropped and listed."""
-    kept, dropped = [], []
+def has_words(text: str) -> bool:
+    """Whether text says anything: a letter outside placeholders ("[EMAIL]", "1", "--" say nothing)."""
+    return any(c.isalpha() for c in PLACEHOLDER_RE.sub(" ", text))
+
+
+def normalize_items(items: list[Item], lowercase: bool, strip_punctuation: bool) -> tuple[list[Item], dict]:
+    """Normalised records, and what normalisation took away: a step without words (a bare "1.", punctuation) is
+    removed and listed; a record whose prompt has no words, or with fewer than two steps left, is dropped and listed.
+    """
+    kept, dropped, removed = [], [], []
     for item in progress(items, "normalise"):
         record = item.record
         prompt = normalize_text(record["prompt"], lowercase, strip_punctuation)
-        steps = [s for s in (normalize_text(x, lowercase, strip_punctuation) for x in record["response"]) if s]
-        if not prompt or len(steps) < 2:
-            dropped.append(f"{item.origin}: nothing left of the {'prompt' if not prompt else 'steps'} "
-                           "after normalisation")
+        steps = [normalize_text(step, lowercase, strip_punctuation) for step in record["response"]]
+        empty = [k for k, step in enumerate(steps) if not has_words(step)]
+        if not has_words(prompt) or len(steps) - len(empty) < 2:
+            what = f"prompt {record['prompt']!r} has no words" if not has_words(prompt) else \
+                f"{len(steps) - len(empty)} of {len(steps)} steps have words"
+            dropped.append(f"{item.origin}: {what}, dropped")
             continue
-        item.record = {**record, "prompt": prompt, "response": steps}
+        removed += [f"{item.origin}: step {k + 1} {record['response'][k]!r} has no words, removed" for k in empty]
+        item.record = {**record, "prompt": prompt, "response": [s for k, s in enumerate(steps) if k not in empty]}
         kept.append(item)
-    return kept, dropped
+    if dropped or removed:
+        say(f"warning: normalisation dropped {len(dropped)} records and removed {len(removed)} steps without words "
+            "(listed in stats.json)", "yellow")
+    return kept, {"lowercase": lowercase, "strip_punctuation": strip_punctuation, "dropped_count": len(dropped),
+                  "dropped": dropped[:MAX_LISTED], "steps_removed_count": len(removed),
+                  "steps_removed": removed[:MAX_LISTED]}
 
 
 # ----------------------------------------------------------------------------------------------- duplicates
@@ -522,17 +447,16 @@ def distinct_n(texts: list[str], n: int) -> float:
     return round(len(grams) / total, 4) if total else 0.0
 
 
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (numpy's inverted CDF): a value that occurs in the data, so it reads as a real length."""
+    return int(np.percentile(values, q, method="inverted_cdf")) if values else 0
+
+
 def describe(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
-    ordered = sorted(values)
-    return {"min": ordered[0], "median": statistics.median(ordered), "mean": round(statistics.fmean(ordered), 2),
-            "p95": percentile(ordered, 95), "max": ordered[-1]}
-
-
-def percentile(ordered: list[int], q: float) -> int:
-    """Nearest-rank percentile: a value that occurs in the data, so it reads as a real length."""
-    return ordered[max(0, -(-len(ordered) * q // 100) - 1)] if ordered else 0
+    return {"min": min(values), "median": statistics.median(values), "mean": round(statistics.fmean(values), 2),
+            "p95": percentile(values, 95), "max": max(values)}
 
 
 def balance_report(items: list[Item], thin_threshold: int) -> dict[str, Any]:
@@ -553,30 +477,94 @@ def balance_report(items: list[Item], thin_threshold: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
-def augment_thin(items: list[Item], wanted: dict[str, int], args: argparse.Namespace) -> tuple[list[Item], dict]:
-    """New records for thin categories (category -> records wanted), put through the same validation, redaction
-    and normalisation as input data; what fails is listed, never kept."""
+def augment_and_deduplicate(items: list[Item], balance: dict, dedup: dict,
+                            args: argparse.Namespace) -> tuple[list[Item], dict, dict, dict | None]:
+    """Records, dedup report, balance report and augmentation report after new records join the data.
+
+    New records for thin categories go through the same validation, redaction and normalisation as input data;
+    what fails is listed, never kept.
+    """
+    if not balance["thin"]:
+        say(f"--augment: no category below {args.thin_threshold} records, nothing to augment")
+        return items, dedup, balance, None
+    wanted = {category: args.thin_threshold - n for category, n in balance["thin"].items()}
     client = ChatClient.from_settings(args.augment_url, args.augment_model, key_env=args.augment_key_env)
     new, report = augment([item.record for item in items], wanted, client, max_records=args.augment_max_records,
                           max_requests=args.augment_max_requests, seed=args.seed)
-    raws = [Raw(record, "<augmented>", 0, i, "json") for i, record in enumerate(new)]
-    valid, rejected, _ = validate_records(raws)
+    valid, rejected, _ = validate_records([Raw(record, "<augmented>", 0, i, "json") for i, record in enumerate(new)])
     for item in valid:
         item.record["source"] = "augmented"
-    pii, _ = redact_items(valid)
-    valid, dropped = normalize_items(valid, not args.keep_case, not args.keep_punctuation)
-    report = {**report, "returned": len(new), "valid": len(valid), "rejected": rejected + dropped,
-              "pii_replaced": dict(sorted(pii.items()))}
-    return valid, report
+    pii = redact_items(valid)
+    valid, normalisation = normalize_items(valid, not args.keep_case, not args.keep_punctuation)
+    before = len(items)
+    items, final = deduplicate(items + valid, args.near_dup_threshold)
+    augmentation = {**report, "returned": len(new), "valid": len(valid),
+                    "rejected": rejected + normalisation["dropped"], "steps_removed": normalisation["steps_removed"],
+                    "pii_replaced": pii["replaced"], "added": len(items) - before,
+                    "balance_before": {"categories": balance["categories"], "thin": balance["thin"]}}
+    dedup = {**final, "exact_duplicates": (dedup["exact_duplicates"] + final["exact_duplicates"])[:MAX_LISTED],
+             "exact_duplicates_removed": dedup["exact_duplicates_removed"] + final["exact_duplicates_removed"]}
+    return items, dedup, balance_report(items, args.thin_threshold), augmentation
 
 
 # ---------------------------------------------------------------------------------------------- token lengths
-def token_lengths(items: list[Item], tokenizer: Any) -> list[int]:
-    return [len(encode_example(tokenizer, item.record["prompt"], item.record["response"])["input_ids"])
-            for item in progress(items, "tokenize")]
+def measure_tokens(items: list[Item], args: argparse.Namespace) -> tuple[list[Item], list[int], dict[str, Any]]:
+    """Token lengths in the canonical chat format that finetune.py trains on (howto.chat.encode_example), with
+    overlong records dropped or cut: the length policy is decided here, and finetune.py only checks it."""
+    counter = TokenCounter(args.model)
+    lengths = [counter.length(item.record["prompt"], item.record["response"]) for item in progress(items, "tokenize")]
+    over_limit = sum(length > args.max_seq_length for length in lengths)
+    tokens = {"model": args.model, "max": max(lengths), "p95": percentile(lengths, 95),
+              "mean": round(statistics.fmean(lengths), 1), "max_seq_length": args.max_seq_length,
+              "over_limit": over_limit, "overlong_action": args.overlong}
+    items, lengths, tokens["overlong"] = enforce_max_length(items, lengths, counter, args.max_seq_length,
+                                                            args.overlong)
+    counter.save()
+    tokens["dropped"] = sum(o["action"] == "dropped" for o in tokens["overlong"])
+    if over_limit:
+        say(f"warning: {over_limit} records over {args.max_seq_length} tokens, "
+            f"{'truncated or dropped' if args.overlong == 'truncate' else 'dropped'}", "yellow")
+    if not items:
+        raise RunError(f"no record fits in --max-seq-length {args.max_seq_length}")
+    return items, lengths, tokens
 
 
-def enforce_max_length(items: list[Item], lengths: list[int], tokenizer: Any, max_length: int,
+class TokenCounter:
+    """Token lengths of conversations, remembered between runs (in the model cache, per tokenizer, library versions
+    and chat format): importing transformers and loading a tokenizer take seconds, so a rerun that knows every
+    length loads no tokenizer at all, and a new record costs one encoding."""
+
+    def __init__(self, model: str):
+        from howto import chat, models
+
+        self.model = models.resolve_model(model)  # tiny and smollm2 are built into the cache once
+        folder = Path(self.model)
+        identity = hashlib.sha256(json.dumps([self.model, library_versions(), chat.SYSTEM_PROMPT]).encode())
+        identity.update(Path(chat.__file__).read_bytes())
+        for file in sorted(folder.glob("*token*")) if folder.is_dir() else []:
+            identity.update(file.read_bytes())
+        self.path = models.cache_dir() / "token-lengths" / f"{identity.hexdigest()[:32]}.json"
+        self.known: dict[str, int] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.added = 0
+        self.tokenizer: Any = None
+
+    def length(self, prompt: str, steps: list[str]) -> int:
+        key = hashlib.sha1(json.dumps([prompt, steps], ensure_ascii=False).encode()).hexdigest()
+        if key not in self.known:
+            if self.tokenizer is None:
+                from howto.models import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.model)
+            self.known[key] = len(encode_example(self.tokenizer, prompt, steps)["input_ids"])
+            self.added += 1
+        return self.known[key]
+
+    def save(self) -> None:
+        if self.added:
+            write_json(self.path, self.known)
+
+
+def enforce_max_length(items: list[Item], lengths: list[int], counter: TokenCounter, max_length: int,
                        mode: str) -> tuple[list[Item], list[int], list[dict[str, Any]]]:
     """Records within the limit, their lengths, and what was done to each overlong one.
 
@@ -594,7 +582,7 @@ def enforce_max_length(items: list[Item], lengths: list[int], tokenizer: Any, ma
             steps = list(item.record["response"])
             while len(steps) > 2 and length > max_length:
                 steps.pop()
-                length = len(encode_example(tokenizer, item.record["prompt"], steps)["input_ids"])
+                length = counter.length(item.record["prompt"], steps)
             if length <= max_length:
                 entry.update(action=f"truncated to {len(steps)} steps, {length} tokens")
                 item.record = {**item.record, "response": steps}
@@ -608,46 +596,112 @@ def enforce_max_length(items: list[Item], lengths: list[int], tokenizer: Any, ma
 def split_records(items: list[Item], ratios: tuple[float, float, float], seed: int) -> dict[str, list[Item]]:
     """Seeded split, stratified by category, with every near-duplicate group whole in one split.
 
-    Within a category, groups are shuffled, largest first, and each goes to the split furthest below its target.
-    A group takes the category of its first record. Each split keeps the input order.
+    Within a category, groups are shuffled, largest first, and each goes to the split furthest below its target:
+    the category's own share plus the whole data's share so far, so that many small categories still give val
+    and test their fraction. Every split asked for (fraction > 0) gets at least one group, and the run stops when
+    there are too few groups for that. A group takes the category of its first record. Each split keeps the input
+    order.
     """
     units: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         units.setdefault(item.group if item.group >= 0 else -1 - i, []).append(i)
+    wanted = [k for k in range(3) if ratios[k] > 0]
+    if len(units) < len(wanted):
+        raise RunError(f"{len(items)} records ({len(units)} once near-duplicates are grouped) cannot give "
+                       f"{', '.join(SPLITS[k] for k in wanted)} a record each: add records, or give a split "
+                       "fraction 0 with --split")
     by_category: dict[str, list[list[int]]] = {}
     for unit in units.values():
         by_category.setdefault(items[unit[0]].record["category"], []).append(unit)
-    assigned: dict[int, str] = {}
+    placed: list[tuple[list[int], int]] = []
+    totals, seen = [0, 0, 0], 0
     for category in sorted(by_category):
         category_units = by_category[category]
         random.Random(f"{seed}:{category}").shuffle(category_units)
         category_units.sort(key=len, reverse=True)
-        total = sum(len(u) for u in category_units)
-        targets = [r * total for r in ratios]
+        size = sum(len(u) for u in category_units)
         counts = [0, 0, 0]
         for unit in category_units:
-            k = max(range(3), key=lambda s: (targets[s] - counts[s], -s))
+            seen += len(unit)
+            k = max(wanted, key=lambda s: (ratios[s] * (size + seen) - counts[s] - totals[s], -s))
             counts[k] += len(unit)
-            for i in unit:
-                assigned[i] = SPLITS[k]
-    return {name: [item for i, item in enumerate(items) if assigned[i] == name] for name in SPLITS}
+            totals[k] += len(unit)
+            placed.append((unit, k))
+    for k in wanted:  # small data: an empty split takes the smallest group of the split with the most to spare
+        if totals[k] == 0:
+            donors = [s for s in wanted if sum(s == d for _, d in placed) > 1]
+            donor = max(donors, key=lambda s: (totals[s] - ratios[s] * len(items), -s))
+            j = min((j for j, (_, s) in enumerate(placed) if s == donor), key=lambda j: len(placed[j][0]))
+            totals[donor] -= len(placed[j][0])
+            totals[k] += len(placed[j][0])
+            placed[j] = (placed[j][0], k)
+    assigned = {i: SPLITS[k] for unit, k in placed for i in unit}
+    splits = {name: [item for i, item in enumerate(items) if assigned[i] == name] for name in SPLITS}
+    if any(abs(totals[k] - ratios[k] * len(items)) > max(1.0, 0.01 * len(items)) for k in wanted):
+        largest = max(len(u) for u in units.values())
+        say(f"warning: the split {' / '.join(f'{n} {len(s)}' for n, s in splits.items())} is off the fractions "
+            f"asked ({','.join(map(str, ratios))}): {len(items)} records in {len(units)} groups that stay whole"
+            + (f", the largest of {largest} records" if largest > 1 else ""), "yellow")
+    return splits
 
 
 # ------------------------------------------------------------------------------------------------------ output
+def collect_stats(args: argparse.Namespace, files: list[Path], raws: list[Raw], skipped: list[str], unknown: Counter,
+                  pii: dict, normalisation: dict, dedup: dict, balance: dict, augmentation: dict | None,
+                  tokens: dict, splits: dict[str, list[Item]]) -> dict[str, Any]:
+    """stats.json: every count of the run, and every record dropped with the reason."""
+    per_file = Counter(raw.file for raw in raws)
+    return {
+        "inputs": [{"file": str(f), "records": per_file[str(f)]} for f in files],
+        "settings": {"seed": args.seed, "split": list(args.split), "model": args.model,
+                     "max_seq_length": args.max_seq_length, "overlong": args.overlong,
+                     "near_dup_threshold": args.near_dup_threshold, "thin_threshold": args.thin_threshold},
+        "validation": {"records_read": len(raws), "valid": len(raws) - len(skipped), "skipped_count": len(skipped),
+                       "skipped": skipped, "unknown_fields": dict(sorted(unknown.items()))},
+        "pii": pii,
+        "normalisation": normalisation,
+        "dedup": dedup,
+        "balance": balance,
+        "augmentation": augmentation,
+        "tokens": tokens,
+        "dropped": {"invalid record (skipped)": len(skipped),
+                    "no words after normalisation": normalisation["dropped_count"],
+                    "exact duplicate": dedup["exact_duplicates_removed"],
+                    f"over {args.max_seq_length} tokens": tokens["dropped"]},
+        "splits": {name: {"records": len(split), "categories": dict(sorted(Counter(
+            item.record["category"] for item in split).items()))} for name, split in splits.items()},
+    }
+
+
+def write_outputs(out: Path, splits: dict[str, list[Item]], items: list[Item], lengths: list[int],
+                  stats: dict[str, Any], args: argparse.Namespace, files: list[Path],
+                  timings: dict[str, float]) -> None:
+    """All outputs into a new folder that then replaces OUT whole: a failed run leaves the old OUT as it was."""
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+    def build(folder: Path) -> None:
+        for name, split in splits.items():
+            write_jsonl(folder / f"{name}.jsonl", (output_record(item.record) for item in split))
+        write_json(folder / "stats.json", stats)
+        (folder / "report.md").write_text(render_report(stats), encoding="utf-8")
+        (folder / "distributions.png").write_bytes(plot_distributions(items, lengths, stats))
+        write_run_info(folder, config, files, extra={"timings_s": timings}, gpu=False)
+
+    atomic_dir(out, build, replace=True)
+
+
 def output_record(record: dict[str, Any]) -> dict[str, Any]:
     """Fixed key order, so that the same data always gives the same bytes."""
     out = {"prompt": record["prompt"], "response": record["response"], "category": record["category"]}
     if record.get("source"):
         out["source"] = record["source"]
+    if record.get("extraction"):
+        out["extraction"] = record["extraction"]
     return out
 
 
 def plot_distributions(items: list[Item], lengths: list[int], stats: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     balance = stats["balance"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     names = list(balance["categories"])[::-1]
@@ -671,10 +725,7 @@ def plot_distributions(items: list[Item], lengths: list[int], stats: dict[str, A
     axes[1, 1].set(title=f"Tokenized conversation length ({stats['tokens']['model']}, limit {limit})",
                    xlabel="tokens", ylabel="records")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 def render_report(stats: dict[str, Any]) -> str:
@@ -682,6 +733,7 @@ def render_report(stats: dict[str, Any]) -> str:
     v, pii, dedup, bal, tok = stats["validation"], stats["pii"], stats["dedup"], stats["balance"], stats["tokens"]
     lines = ["# Data preparation report", "", "## Inputs", ""]
     lines += [f"- `{f['file']}`: {f['records']} records" for f in stats["inputs"]]
+    lines += collected_section(stats.get("collected"))
     lines += ["", "## Validation", "", f"- records read: {v['records_read']}, valid: {v['valid']}, "
               f"skipped: {v['skipped_count']}"]
     if v["unknown_fields"]:
@@ -694,7 +746,7 @@ def render_report(stats: dict[str, Any]) -> str:
     n = stats["normalisation"]
     lines += ["", "## Normalisation", "", f"- lowercase: {n['lowercase']}, punctuation stripped: "
               f"{n['strip_punctuation']}, whitespace collapsed, placeholders kept"]
-    lines += [f"- dropped: {d}" for d in n["dropped"]]
+    lines += [f"- dropped: {d}" for d in n["dropped"]] + [f"- {d}" for d in n["steps_removed"]]
     lines += ["", "## Duplicates", "", f"- exact duplicates removed: {dedup['exact_duplicates_removed']}"]
     lines += [f"  - {d['removed']} (same as {d['kept']})" for d in dedup["exact_duplicates"]]
     lines.append(f"- near-duplicate groups (Jaccard >= {dedup['near_duplicate_threshold']}): "
@@ -702,10 +754,10 @@ def render_report(stats: dict[str, Any]) -> str:
                  "each group kept whole in one split")
     for group in dedup["groups"]:
         lines.append("  - " + " | ".join(f"\"{m['prompt']}\" ({m['origin']})" for m in group))
-    lines += ["", "## Balance and diversity", "", "| category | records | thin |", "|---|---|---|"]
-    lines += [f"| {c} | {k} | {'yes' if c in bal['thin'] else ''} |" for c, k in bal["categories"].items()]
-    lines += ["", f"- thin threshold: {bal['thin_threshold']} records; thin: "
-              f"{', '.join(bal['thin']) or 'none'}",
+    lines += ["", "## Balance and diversity", "",
+              markdown_table(["category", "records", "thin"],
+                             [[c, k, "yes" if c in bal["thin"] else ""] for c, k in bal["categories"].items()]),
+              "", f"- thin threshold: {bal['thin_threshold']} records; thin: {', '.join(bal['thin']) or 'none'}",
               f"- distinct-1 of prompts: {bal['distinct_1']}, distinct-2: {bal['distinct_2']}",
               f"- steps per record: {fmt_dist(bal['steps_per_record'])}",
               f"- prompt words: {fmt_dist(bal['prompt_words'])}",
@@ -723,10 +775,12 @@ def render_report(stats: dict[str, Any]) -> str:
               f"- length: max {tok['max']}, p95 {tok['p95']}, mean {tok['mean']}",
               f"- over {tok['max_seq_length']} tokens: {tok['over_limit']} ({tok['overlong_action']})"]
     lines += [f"  - {o['origin']}: {o['tokens']} tokens, {o['action']}" for o in tok["overlong"]]
+    lines += ["", "## Records dropped", ""] + [f"- {reason}: {k}" for reason, k in stats["dropped"].items()]
     lines += ["", "## Split", "", f"seed {stats['settings']['seed']}, fractions {stats['settings']['split']}, "
-              "stratified by category", "", "| split | records | categories |", "|---|---|---|"]
-    for name, s in stats["splits"].items():
-        lines.append(f"| {name} | {s['records']} | {', '.join(f'{c} {k}' for c, k in s['categories'].items())} |")
+              "stratified by category", "",
+              markdown_table(["split", "records", "categories"],
+                             [[name, s["records"], ", ".join(f"{c} {k}" for c, k in s["categories"].items())]
+                              for name, s in stats["splits"].items()])]
     lines += ["", "![distributions](distributions.png)", ""]
     return "\n".join(lines)
 
@@ -736,7 +790,7 @@ def fmt_dist(d: dict[str, Any]) -> str:
 
 
 def print_summary(stats: dict[str, Any], timings: dict[str, float], out: Path) -> None:
-    table = Table(title=f"prepare_data -> {out}")
+    table = Table(title=f"prepare_data -> {out} (details in report.md)")
     table.add_column("stage")
     table.add_column("result")
     table.add_column("seconds", justify="right")
@@ -746,7 +800,8 @@ def print_summary(stats: dict[str, Any], timings: dict[str, float], out: Path) -
         ("validate", f"{v['valid']} valid, {v['skipped_count']} skipped"),
         ("redact", f"{stats['pii']['total']} placeholders "
                    + " ".join(f"{k}={n}" for k, n in stats["pii"]["replaced"].items())),
-        ("normalise", f"{len(stats['normalisation']['dropped'])} dropped"),
+        ("normalise", f"{stats['normalisation']['dropped_count']} dropped, "
+                      f"{stats['normalisation']['steps_removed_count']} steps removed"),
         ("deduplicate", f"{dedup['exact_duplicates_removed']} exact removed, {dedup['near_duplicate_groups']} "
                         f"near-dup groups ({dedup['records_in_near_duplicate_groups']} records)"),
         ("balance", f"{len(stats['balance']['categories'])} categories, thin: "
@@ -762,148 +817,6 @@ def print_summary(stats: dict[str, Any], timings: dict[str, float], out: Path) -
     for stage, result in rows:
         table.add_row(stage, result, f"{timings.get(stage, 0):.2f}")
     Console().print(table)
-
-
-# -------------------------------------------------------------------------------------------------------- main
-def augment_and_deduplicate(items: list[Item], balance: dict, dedup: dict,
-                            args: argparse.Namespace) -> tuple[list[Item], dict, dict, dict]:
-    """Records, dedup report, balance report and augmentation report after new records join the data."""
-    wanted = {category: args.thin_threshold - n for category, n in balance["thin"].items()}
-    new, augmentation = augment_thin(items, wanted, args)
-    before = len(items)
-    items, final = deduplicate(items + new, args.near_dup_threshold)
-    augmentation["added"] = len(items) - before
-    augmentation["balance_before"] = {"categories": balance["categories"], "thin": balance["thin"]}
-    dedup = {**final, "exact_duplicates": (dedup["exact_duplicates"] + final["exact_duplicates"])[:MAX_LISTED],
-             "exact_duplicates_removed": dedup["exact_duplicates_removed"] + final["exact_duplicates_removed"]}
-    return items, dedup, balance_report(items, args.thin_threshold), augmentation
-
-
-def measure_tokens(items: list[Item], args: argparse.Namespace) -> tuple[list[Item], list[int], dict[str, Any]]:
-    """Token lengths in the canonical chat format of the chosen model, with overlong records dropped or cut."""
-    from howto.models import load_tokenizer, resolve_model
-
-    tokenizer = load_tokenizer(resolve_model(args.model))
-    lengths = token_lengths(items, tokenizer)
-    ordered = sorted(lengths)
-    over_limit = sum(length > args.max_seq_length for length in lengths)
-    tokens = {"model": args.model, "max": ordered[-1], "p95": percentile(ordered, 95),
-              "mean": round(statistics.fmean(ordered), 1), "max_seq_length": args.max_seq_length,
-              "over_limit": over_limit, "overlong_action": args.overlong}
-    items, lengths, tokens["overlong"] = enforce_max_length(items, lengths, tokenizer, args.max_seq_length,
-                                                            args.overlong)
-    if over_limit:
-        say(f"warning: {over_limit} records over {args.max_seq_length} tokens, "
-            f"{'truncated or dropped' if args.overlong == 'truncate' else 'dropped'} (see report.md)", "yellow")
-    if not items:
-        raise DataError(f"no record fits in --max-seq-length {args.max_seq_length}")
-    return items, lengths, tokens
-
-
-def write_outputs(out: Path, splits: dict[str, list[Item]], items: list[Item], lengths: list[int],
-                  stats: dict[str, Any], args: argparse.Namespace, files: list[Path],
-                  timings: dict[str, float]) -> None:
-    for name, split in splits.items():
-        write_jsonl(out / f"{name}.jsonl", (output_record(item.record) for item in split))
-    write_json(out / "stats.json", stats)
-    atomic_write_text(out / "report.md", render_report(stats))
-    atomic_write_bytes(out / "distributions.png", plot_distributions(items, lengths, stats))
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    write_run_info(out, config, files, extra={"timings_s": timings})
-
-
-def run(args: argparse.Namespace) -> int:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
-        clock = now
-
-    files = find_input_files(args.inputs, args.out)
-    raws, broken = load_inputs(files)
-    lap("load")
-
-    items, invalid, unknown = validate_records(raws)
-    errors = broken + invalid
-    if errors and not args.skip_invalid:
-        for e in errors[:50]:
-            say(f"error: {e}", "red")
-        more = f" ({len(errors) - 50} more not shown)" if len(errors) > 50 else ""
-        say(f"{len(errors)} invalid record{'s' * (len(errors) > 1)}{more}: fix them or run with --skip-invalid",
-            "red")
-        return 1
-    for e in errors[:50]:
-        say(f"skipped: {e}", "yellow")
-    if unknown:
-        say("warning: ignoring unknown fields " + ", ".join(f"'{k}' ({n} records)" for k, n in sorted(unknown.items())),
-            "yellow")
-    lap("validate")
-
-    pii, touched = redact_items(items)
-    lap("redact")
-    items, dropped = normalize_items(items, not args.keep_case, not args.keep_punctuation)
-    lap("normalise")
-    if not items:
-        raise DataError("no valid record left to prepare")
-    items, dedup = deduplicate(items, args.near_dup_threshold)
-    lap("deduplicate")
-    balance = balance_report(items, args.thin_threshold)
-    lap("balance")
-
-    augmentation = None
-    if args.augment and not balance["thin"]:
-        say(f"--augment: no category below {args.thin_threshold} records, nothing to augment")
-    elif args.augment:
-        items, dedup, balance, augmentation = augment_and_deduplicate(items, balance, dedup, args)
-        lap("augment")
-
-    items, lengths, tokens = measure_tokens(items, args)
-    lap("tokenize")
-    splits = split_records(items, args.split, args.seed)
-    lap("split")
-
-    per_file = Counter(raw.file for raw in raws)
-    stats = {
-        "inputs": [{"file": str(f), "records": per_file[str(f)]} for f in files],
-        "settings": {"seed": args.seed, "split": list(args.split), "model": args.model,
-                     "max_seq_length": args.max_seq_length, "overlong": args.overlong,
-                     "near_dup_threshold": args.near_dup_threshold, "thin_threshold": args.thin_threshold},
-        "validation": {"records_read": len(raws) + len(broken), "valid": len(raws) - len(invalid),
-                       "skipped_count": len(errors), "skipped": errors,
-                       "unknown_fields": dict(sorted(unknown.items()))},
-        "pii": {"replaced": dict(sorted(pii.items())), "total": sum(pii.values()), "records_with_pii": touched,
-                "name_detection": name_detection_available()},
-        "normalisation": {"lowercase": not args.keep_case, "strip_punctuation": not args.keep_punctuation,
-                          "dropped": dropped},
-        "dedup": dedup,
-        "balance": balance,
-        "augmentation": augmentation,
-        "tokens": tokens,
-        "splits": {name: {"records": len(split), "categories": dict(sorted(Counter(
-            item.record["category"] for item in split).items()))} for name, split in splits.items()},
-    }
-    out = Path(args.out)
-    write_outputs(out, splits, items, lengths, stats, args, files, timings)
-    lap("write")
-    print_summary(stats, timings, out)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse_args(parser, argv, section="prepare_data")
-    if not args.inputs:
-        parser.error("give at least one INPUT file or folder")
-    if not 0 < args.near_dup_threshold <= 1:
-        parser.error("--near-dup-threshold must be in (0, 1]")
-    try:
-        return run(args)
-    except (DataError, LLMError) as e:
-        say(f"error: {e}", "red")
-        return 1
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def json_error(path: Path, text: str, e: json.JSONDecodeError, first_line: int =
     """
     line = e.lineno + first_line - 1
     message = f"{path}:{line}:{e.colno}: malformed JSON at line {line}, column {e.colno}: {e.msg}"
-    if e.msg == "Expecting ',' delimiter":
+    if e.pos >= len(text.rstrip()):
+        message += "; the text ends before the record does (a cut-off line?)"
+    elif e.msg == "Expecting ',' delimiter":
         previous = text[: e.pos].rstrip().count("\n") + first_line
         place = "before this value" if previous == line else f"at the end of line {previous}"
         message += f"; a comma is probably missing {place} (two values are never merged into one)"

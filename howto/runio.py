@@ -203,8 +203,11 @@ def gpu_info() -> dict[str, Any]:
 
 
 def write_run_info(out_dir: str | Path, config: dict[str, Any], data_files: Iterable[str | Path],
-                   extra: dict[str, Any] | None = None) -> None:
-    """Record the resolved config, library versions, hardware and the data's hash next to a run's outputs."""
+                   extra: dict[str, Any] | None = None, gpu: bool = True) -> None:
+    """Record the resolved config, library versions, hardware and the data's hash next to a run's outputs.
+
+    `gpu=False` for a run that uses no GPU: asking torch would import it (seconds) to record nothing of use.
+    """
     out_dir = Path(out_dir)
     files = [Path(p) for p in data_files]
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
@@ -213,7 +216,7 @@ def write_run_info(out_dir: str | Path, config: dict[str, Any], data_files: Iter
         "data_files": [str(p) for p in files],
         "data_sha256": hash_files(files) if files else None,
         "versions": library_versions(),
-        **gpu_info(),
+        **(gpu_info() if gpu else {}),
         **(extra or {}),
     })
 

@@ -16,6 +16,9 @@ import pytest
 import prepare_data as pd
 from chat_server import chat_server
 from howto.chat import encode_example
+from howto.collect import collect_inputs
+from howto.records import read_records
+from howto.runio import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "report.md", "distributions.png")
@@ -77,8 +80,8 @@ def all_records(out: Path) -> list[dict]:
 def test_spec_example_missing_comma_names_line_and_column(tmp_path, capsys):
     path = tmp_path / "spec.json"
     path.write_text(SPEC_EXAMPLE, encoding="utf-8")
-    with pytest.raises(pd.DataError) as err:
-        pd.load_json(path)
+    with pytest.raises(RunError) as err:
+        read_records(path)
     message = str(err.value)
     assert message.startswith(f"{path}:10:5: malformed JSON at line 10, column 5: Expecting ',' delimiter")
     assert "comma is probably missing at the end of line 9" in message
@@ -95,7 +98,7 @@ def test_json_records_report_the_line_where_each_record_starts(tmp_path):
            '    "response": ["x", "y"]\n  }, {"prompt": "c?", "response": ["x", "y"]}\n]\n'
     path = tmp_path / "list.json"
     path.write_text(text, encoding="utf-8")
-    assert [(r.line, r.index) for r in pd.load_json(path)] == [(2, 0), (4, 1), (7, 2)]
+    assert [(r.line, r.index) for r in read_records(path)] == [(2, 0), (4, 1), (7, 2)]
 
 
 BAD_RECORDS = [
@@ -189,9 +192,10 @@ def test_alpaca_csv_and_folder_inputs_become_the_same_record(tmp_path):
         writer.writerow(["How do I pay a bill?", json.dumps(["Open Pay.", "Tap Bills.", "Tap Pay."]), "banking"])
         writer.writerow(["How do I freeze a card?", "1. Open Cards.\n2. Tap Freeze.", ""])
         writer.writerow(["How do I close it?", "Step 1: only this", "banking"])
-    raws, errors = pd.load_inputs(pd.find_input_files([str(folder)]))
+    files = pd.find_input_files([str(folder)])
+    raws = pd.load_inputs(files, collect_inputs(files))
     items, invalid, unknown = pd.validate_records(raws)
-    assert not errors and not unknown
+    assert not any(raw.problem for raw in raws) and not unknown
     assert [i.record for i in items] == [
         {"prompt": "How do I export contacts?\nOn Android.",
          "response": ["Open Contacts.", "Tap Export.", "Pick a folder."], "category": "uncategorized"},
@@ -371,6 +375,28 @@ def test_overlong_records_can_be_truncated_by_whole_steps(tmp_path, tokenizer):
     assert all(len(encode_example(tokenizer, r["prompt"], r["response"])["input_ids"]) <= 200 for r in records)
     action = json.loads((out / "stats.json").read_text())["tokens"]["overlong"][0]["action"]
     assert action.startswith(f"truncated to {len(long['response'])} steps")
+
+
+def test_token_lengths_are_remembered_so_a_rerun_loads_no_tokenizer(tmp_path, monkeypatch, tokenizer):
+    import howto.models
+
+    monkeypatch.setenv("HOWTO_CACHE", str(tmp_path / "cache"))
+    records = long_dataset()
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    assert prepare(path, "--out", tmp_path / "a", "--overlong", "truncate", "--max-seq-length", "200") == 0
+    monkeypatch.setattr(howto.models, "load_tokenizer", lambda model: pytest.fail("the tokenizer was loaded again"))
+    assert prepare(path, "--out", tmp_path / "b", "--overlong", "truncate", "--max-seq-length", "200") == 0
+    assert (tmp_path / "a" / "stats.json").read_bytes() == (tmp_path / "b" / "stats.json").read_bytes()
+    monkeypatch.undo()
+    monkeypatch.setenv("HOWTO_CACHE", str(tmp_path / "cache"))
+    records[0]["response"].append("Then one more step.")  # a changed record is encoded again, the others are not
+    loads = []
+    monkeypatch.setattr(howto.models, "load_tokenizer", lambda model: loads.append(model) or tokenizer)
+    assert prepare(write_jsonl(path, records), "--out", tmp_path / "c") == 0
+    changed = [r for r in all_records(tmp_path / "c") if r["response"][-1] == "then one more step"][0]
+    stats = json.loads((tmp_path / "c" / "stats.json").read_text())
+    assert len(loads) == 1 and stats["tokens"]["max"] >= len(encode_example(tokenizer, changed["prompt"],
+                                                                             changed["response"])["input_ids"])
 
 
 # -------------------------------------------------------------------------------------------------- 8. split

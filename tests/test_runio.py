@@ -4,11 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from howto.runio import atomic_dir, atomic_write_text, hash_files, parse_args, read_jsonl_lines, write_run_info
+from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, figure_png, hash_files, markdown_table,
+                         parse_args, positive_int, pyplot, read_jsonl_lines, write_run_info)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -97,3 +103,68 @@ def test_atomic_dir_keeps_a_cache_replaces_an_export_and_never_leaves_half_a_fol
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual folder mode, not mkdtemp's private 0700
+
+
+def test_config_values_are_converted_and_checked_like_flags(tmp_path, capsys):
+    parser = make_parser()
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--export", nargs="+", default=[], choices=("merged", "gguf"))
+    config = tmp_path / "run.yaml"
+    config.write_text('data: d\nlearning_rate: "1e-4"\nresume: "no"\nexport: gguf\nfinetune:\n  epochs: 2\n')
+    args = parse_args(parser, ["--config", str(config)], section="finetune")
+    assert (args.learning_rate, args.resume, args.export, args.epochs) == (1e-4, False, ["gguf"], 2)
+    for text, message in (("epochs: 2.5", "argument --epochs: invalid int value: '2.5'"),
+                          ("resume: sometimes", "--resume: expected true or false, got 'sometimes'"),
+                          ("export: [merged, zip]", "argument --export: invalid choice: 'zip'"),
+                          ("epochs_typo: 3", "unknown setting 'epochs_typo' (no script has such a flag)"),
+                          ("finetune: 3", "finetune: expected a mapping of setting: value")):
+        config.write_text(f"data: d\n{text}\n")
+        parser = make_parser()
+        parser.add_argument("--resume", action="store_true")
+        parser.add_argument("--export", nargs="+", default=[], choices=("merged", "gguf"))
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(parser, ["--config", str(config)], section="finetune")
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_run_error_is_one_line_and_exit_code_1(tmp_path):
+    error = RunError("data.jsonl:3: field 'prompt': missing")
+    assert isinstance(error, SystemExit) and error.code == "error: data.jsonl:3: field 'prompt': missing"
+    assert str(error) == "data.jsonl:3: field 'prompt': missing"
+    script = tmp_path / "fails.py"
+    script.write_text("from howto.runio import RunError\nraise RunError('it cannot work')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (proc.returncode, proc.stderr) == (1, "error: it cannot work\n")
+
+
+def test_check_out_dir_refuses_a_file_before_any_work(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert check_out_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    with pytest.raises(RunError, match="is a file, not a folder"):
+        check_out_dir(tmp_path / "f")
+    with pytest.raises(RunError, match=f"--data {tmp_path / 'f' / 'x'}: {tmp_path / 'f'} is a file"):
+        check_out_dir(tmp_path / "f" / "x", flag="--data")
+
+
+def test_positive_int():
+    assert positive_int("3") == 3
+    for text in ("0", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(text)
+
+
+def test_markdown_table_and_png():
+    assert markdown_table(["a", "b"], [[1, "x|y\nz"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y z |"
+    plt = pyplot()
+
+    def figure() -> bytes:
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3])
+        return figure_png(fig)
+
+    png = figure()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png == figure()  # same figure, same bytes
+    assert not plt.get_fignums()  # closed

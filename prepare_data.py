@@ -6,7 +6,10 @@
     python prepare_data.py data/howto_steps.jsonl --out runs/data --config configs/cpu.yaml
 
 Inputs: JSON (one record or a list), JSONL, Alpaca-style JSON/JSONL and CSV files, or folders of them (see
-howto/records.py). Settings, as flags or keys of a --config YAML (`--help` lists them with their defaults):
+howto/records.py), in any mix with raw sources: HTML, Markdown, PDF and .txt pages and support-chat exports, turned
+into records by howto/collect.py (--extract-llm for what its rules cannot read, --review DIR to stop and write a
+Label Studio project and a sheet; their exports are inputs too, see howto/review.py).
+Settings, as flags or keys of a --config YAML (`--help` lists them with their defaults):
 --split and --seed (the stratified split), --near-dup-threshold, --thin-threshold, --model with --max-seq-length and
 --overlong (token lengths in the model's own chat format), --skip-invalid, --keep-case, --keep-punctuation, and
 --augment with its --augment-* settings (new records for thin categories from an OpenAI-compatible LLM).
@@ -102,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Validate, redact, normalise, deduplicate, report on, tokenize and split how-to records.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="JSON (one record or a list), JSONL, Alpaca-style JSON/JSONL or CSV files, or folders of them")
+                   help="JSON (one record or a list), JSONL, Alpaca-style JSON/JSONL or CSV files, HTML, Markdown, "
+                        "PDF or .txt pages, chat exports, review exports, or folders of them")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder for train/val/test.jsonl, stats.json, report.md, distributions.png")
     p.add_argument("--keep-case", action="store_true", help="do not lowercase prompts and steps")

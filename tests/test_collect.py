@@ -283,3 +283,31 @@ def test_sample_raw_sources_give_records(tmp_path):
     prompts = [r["prompt"] for _, _, r in collection.records]
     assert "How do I cancel an order?" in prompts and "How do I freeze a lost card?" in prompts
     assert len(collection.report["files"]) == 3 and all(f["procedures"] >= 2 for f in collection.report["files"])
+
+
+def test_prepare_data_extracts_with_the_llm_through_its_flags(tmp_path, monkeypatch):
+    import prepare_data as pd
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    write(pages / "prose.md", "## Change the language\n\nOpen the app menu, pick Language and choose yours; the app "
+                              "restarts in that language straight away.\n")
+    write(pages / "help.html", HELP_PAGE)
+    answer = json.dumps({"records": [{"prompt": "How do I change the language?",
+                                      "response": ["Open the app menu.", "Pick Language.", "Choose yours."]}]})
+    monkeypatch.setenv("EXTRACT_KEY", "sk-test-not-logged")
+    with chat_server(lambda body: answer if "Language" in body["messages"][1]["content"] else '{"records": []}'
+                     ) as (url, received):
+        out = tmp_path / "out"
+        assert pd.main([str(pages), "--out", str(out), "--keep-case", "--keep-punctuation", "--extract-llm",
+                        "--augment-url", url, "--augment-model", "m", "--augment-key-env", "EXTRACT_KEY",
+                        "--extract-llm-max-requests", "10"]) == 0
+    assert 2 <= len(received) < 10 and received[0]["authorization"] == "Bearer sk-test-not-logged"
+    records = [json.loads(line) for name in pd.SPLITS for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    llm = [r for r in records if r["extraction"] == "llm"]
+    assert [r["source"] for r in llm] == [f"{pages / 'prose.md'}#change-the-language"]
+    assert len(records) == 4 and {r["extraction"] for r in records} == {"llm", "rules"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(f["llm_requests"] for f in stats["collected"]["files"]) == len(received)
+    assert any("the LLM found no procedure either" in s for f in stats["collected"]["files"] for s in f["skipped"])
+    assert "sk-test" not in (out / "report.md").read_text() + (out / "config.yaml").read_text()

@@ -5,33 +5,30 @@
     python finetune.py --data runs/data --out runs/x --config configs/t4.yaml --dry-run  # the preflight alone
     python finetune.py --data runs/data --out runs/sweep --sweep --sweep-lr 1e-4,2e-4 --sweep-epochs 2,3
     python finetune.py --data runs/data --out runs/mistral --resume        # continue an interrupted run
-    python finetune.py --data runs/data --out runs/mistral --export gguf --quant q4_k_m,q8_0
     python finetune.py --out runs/mistral --export-only --export gguf      # export a finished run
 
-Settings: flags with the defaults of a 16 GB T4 (configs/t4.yaml gives the reasons), or `--config FILE`. The ones
-that matter most: --epochs 3, --lr 2e-4, --batch-size 2 x --grad-accum 4, --lora-r 16 / --lora-alpha 16 on all
-seven projections, --max-seq-length 1024, --patience 2 (early stopping on the validation loss).
+Settings: flags with the defaults of a 16 GB T4 (configs/t4.yaml gives the reasons), or `--config FILE`: 3 epochs,
+lr 2e-4, batch 2 x grad-accum 4, LoRA r 16 / alpha 16 on all seven projections, 1024 tokens, early stopping after 2
+evaluations without a better validation loss.
 
-`--data` is the folder prepare_data.py wrote (train.jsonl, val.jsonl); prepare_data decided the records and their
-lengths, and the preflight (howto/preflight.py) checks them cheaply. Every run starts with the preflight, before any
-weights load: the estimated peak GPU memory against the GPU found or `--gpu-memory`, one training example token by
-token (trained or masked) with checks on every record, and llama.cpp's tools when `--export gguf` is asked.
+`--data` is the folder prepare_data.py wrote (train.jsonl, val.jsonl): it decided the records and their lengths.
+Every run starts with the preflight (howto/preflight.py) before any weights load: the peak GPU memory estimated
+against the GPU found or `--gpu-memory`, one training example token by token with checks on every record, and
+llama.cpp's tools when `--export gguf` is asked. The run folder receives preflight.txt, the best LoRA adapter (by
+validation loss) with its tokenizer, checkpoints/, run_info.json, config.yaml, metrics.json, loss.png and exports.
 
-The run folder receives preflight.txt, the best LoRA adapter (by validation loss) with its tokenizer, HF Trainer
-checkpoints under checkpoints/, run_info.json and config.yaml, metrics.json and loss.png, and the exports (merged/,
-gguf/) when asked for.
-
-Two engines load the model; everything after loading is one code path. `unsloth` (default): FastLanguageModel in
-4-bit with Unsloth's kernels and offloaded gradient checkpointing. `hf`: plain transformers + peft, the QLoRA paper's
-recipe (NF4 double-quantized 4-bit, paged 8-bit AdamW) on CUDA and full precision on a CPU; the baseline the
-benchmark measures Unsloth against, and the engine for multi-GPU runs under `accelerate launch`. Both train with
-TRL's SFTTrainer on the same pre-tokenized records (howto.chat.encode_example), with the loss on the answer only.
+Two engines load the model; everything after loading is one code path, TRL's SFTTrainer on the same pre-tokenized
+records (howto.chat.encode_example) with the loss on the answer only. `unsloth` (default): FastLanguageModel in
+4-bit with Unsloth's kernels and offloaded gradient checkpointing. `hf`: transformers + peft, the QLoRA paper's
+recipe (NF4 4-bit, paged 8-bit AdamW) on CUDA and full precision on a CPU; the benchmark's baseline and the engine
+for several GPUs under `accelerate launch`.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import itertools
 import math
 import os
 import resource
@@ -46,12 +43,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from howto import chat, models, preflight
+from howto import chat, models, preflight, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
-    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, figure_png, hash_files, markdown_table,
-    parse_args, pyplot, write_json, write_run_info,
+    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, markdown_table, parse_args, write_json,
+    write_run_info,
 )
 
 REQUIRED_SPLITS = ("train", "val")
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     announce_model(args)
     base_path = models.resolve_model(args.model)
     check = Console(record=True, quiet=console.quiet)  # what the preflight prints also goes to OUT/preflight.txt
-    check_memory(args, base_path, check)  # before anything is downloaded
+    preflight.check_memory(base_path, args, check)  # before anything is downloaded
     if "gguf" in args.export:
         preflight.check_gguf_tools(args.llama_cpp, check)
     if not args.dry_run:
@@ -106,11 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         export(args, base_path, out_dir)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------- Settings
 
 def build_parser() -> argparse.ArgumentParser:
+    """Defaults: the recipe that fits Mistral-7B QLoRA on a 16 GB T4 (configs/t4.yaml gives the reasons)."""
     p = argparse.ArgumentParser(
         description="QLoRA fine-tuning of a chat model (Mistral-7B-Instruct-v0.3 by default) on how-to steps.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -124,51 +120,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="unsloth", choices=("unsloth", "hf"),
                    help="unsloth: Unsloth's 4-bit kernels, about 2x faster and lighter on one GPU; hf: plain "
                         "transformers + peft QLoRA, the baseline and the multi-GPU path (accelerate launch)")
-    # Defaults: the recipe that fits Mistral-7B QLoRA on a 16 GB T4 (Unsloth's and the QLoRA paper's).
     p.add_argument("--epochs", type=int, default=3,
-                   help="passes over the training split; 1-3 suits a few thousand records, more overfits (early "
-                        "stopping keeps the best epoch anyway)")
+                   help="passes over the training split (early stopping keeps the best epoch)")
     p.add_argument("--lr", type=float, default=2e-4,
                    help="peak learning rate; 2e-4 is the QLoRA paper's and Unsloth's rate for 7B LoRA adapters")
     p.add_argument("--batch-size", type=int, default=2,
                    help="sequences per device and step; 2 x 1024 tokens fits a 7B 4-bit model on a 16 GB T4")
     p.add_argument("--grad-accum", type=int, default=4,
                    help="steps accumulated per optimizer update: an effective batch of 8 without the memory of 8")
-    p.add_argument("--lora-r", type=int, default=16,
-                   help="LoRA rank; 16 learns an output format like this one well, higher costs memory for little")
-    p.add_argument("--lora-alpha", type=int, default=16,
-                   help="LoRA scaling (alpha / r = 1), Unsloth's recommended setting for r=16")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank; higher costs memory for little on one format")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling (alpha / r = 1, Unsloth's advice)")
     p.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="dropout on the LoRA path; 0 lets Unsloth use its fast fused path, and early stopping "
-                        "guards against overfitting instead")
+                   help="dropout on the LoRA path; 0 keeps Unsloth's fast fused path")
     p.add_argument("--target-modules", default=ALL_PROJECTIONS, type=comma_list(str),
-                   help="comma-separated linear layers that get adapters; all seven projections of attention and "
-                        "MLP, as the QLoRA paper found adapting every layer is what matches full fine-tuning")
+                   help="comma-separated linear layers that get adapters; all seven, as the QLoRA paper found "
+                        "adapting every layer is what matches full fine-tuning")
     p.add_argument("--max-seq-length", type=int, default=1024,
-                   help="tokens per training sequence; a how-to question with its steps is far shorter, and 1024 "
-                        "keeps a T4 within memory")
+                   help="tokens per training sequence; prepare_data.py drops or cuts longer records")
     p.add_argument("--warmup-ratio", type=float, default=0.03,
-                   help="share of the steps spent warming the learning rate up from 0; 3%% avoids early spikes "
-                        "(QLoRA paper)")
+                   help="share of the steps spent warming the learning rate up from 0 (QLoRA paper: 3%%)")
     p.add_argument("--scheduler", default="linear", choices=SCHEDULERS,
-                   help="learning-rate schedule after warmup; linear decay as in Unsloth's Mistral recipe (cosine "
-                        "gives the same results within noise over 1-3 epochs)")
-    p.add_argument("--seed", type=int, default=3407,
-                   help="seed of LoRA initialisation and data order (3407, Unsloth's default, for comparable runs)")
+                   help="learning-rate schedule after warmup; linear decay as in Unsloth's Mistral recipe")
+    p.add_argument("--seed", type=int, default=3407, help="seed of LoRA initialisation and data order")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
-                   help="pack several short records into one sequence; off, because packing without FlashAttention "
-                        "lets records attend to each other, and short records waste little padding anyway")
+                   help="pack short records into one sequence; off, since without FlashAttention packed records "
+                        "attend to each other")
     p.add_argument("--eval-steps", type=int, default=0,
                    help="evaluate on the validation split every N optimizer steps; 0 = once per epoch")
     p.add_argument("--patience", type=int, default=2,
-                   help="stop after this many evaluations in a row without a better validation loss (one bad "
-                        "evaluation can be noise, two mean overfitting); 0 = never stop early")
+                   help="stop after this many evaluations in a row without a better validation loss; 0 = never")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True,
-                   help="QLoRA: base weights in 4-bit NF4, the only way a 7B model trains in 16 GB "
-                        "(the hf engine on a CPU always trains in full precision)")
+                   help="QLoRA: base weights in 4-bit NF4 (the hf engine on a CPU trains in full precision)")
     p.add_argument("--sweep", action="store_true",
-                   help="hyperparameter search: one real run with early stopping per trial, in OUT/sweep/trial-K, "
-                        "ranked by validation loss; writes OUT/sweep/best_config.yaml for a final run")
+                   help="hyperparameter search: one real run per trial in OUT/sweep/trial-K, ranked by validation "
+                        "loss; writes OUT/sweep/best_config.yaml for a final run")
     p.add_argument("--sweep-lr", default="1e-4,2e-4", type=comma_list(float),
                    help="learning rates of the grid (with Optuna: the range, sampled log-uniformly)")
     p.add_argument("--sweep-epochs", default="1,3", type=comma_list(int),
@@ -176,29 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-batch-size", default="2", type=comma_list(int),
                    help="per-device batch sizes of the grid (with Optuna: the choices)")
     p.add_argument("--sweep-optuna-trials", type=int, default=0,
-                   help="search with Optuna's TPE sampler (seeded by --seed) for this many trials instead of the "
-                        "full grid; 0 = grid")
+                   help="this many trials of Optuna's TPE sampler (seeded by --seed) instead of the grid; 0 = grid")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in OUT/checkpoints (a sweep: skip finished trials)")
+                   help="continue from the last checkpoint in OUT/checkpoints (a sweep: its unfinished trials)")
     p.add_argument("--export", nargs="+", default=[], choices=("merged", "gguf"),
-                   help="after training, also write merged 16-bit weights (OUT/merged) and/or GGUF files for "
-                        "llama.cpp with an Ollama Modelfile (OUT/gguf; implies merged)")
+                   help="after training, also write merged 16-bit weights (OUT/merged) and/or GGUF files with an "
+                        "Ollama Modelfile (OUT/gguf; implies merged)")
     p.add_argument("--export-only", action="store_true",
-                   help="no training: export the adapter already in OUT (a finished run), e.g. on a machine with "
-                        "more memory than the one that trained it")
-    p.add_argument("--quant", default="q4_k_m",
-                   help="comma-separated GGUF types, e.g. q4_k_m,q8_0,f16; q4_k_m is the usual size/quality balance")
+                   help="no training: export the finished run in OUT, e.g. on a machine with more memory")
+    p.add_argument("--quant", default="q4_k_m", help="comma-separated GGUF types, e.g. q4_k_m,q8_0,f16")
     p.add_argument("--llama-cpp", default=None,
                    help="llama.cpp folder for the GGUF export (default: $LLAMA_CPP_DIR, else built once from the "
                         "llama-cpp-python source distribution)")
     p.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb"),
                    help="where the Trainer also sends its logs (tensorboard: OUT/checkpoints/runs)")
     p.add_argument("--dry-run", action="store_true",
-                   help="the preflight alone, in under a minute on a CPU with no download: memory estimate, one "
-                        "example token by token, the checks on every record; no model is loaded")
+                   help="the preflight alone (memory estimate, one example token by token, the record checks), "
+                        "under a minute on a CPU with no download")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
-                   help="GPU memory the run must fit in, in GB as cards are sold (16 for a T4), to plan a run for "
-                        "another machine; default: the GPU found (none on a CPU: the estimate is only shown)")
+                   help="GPU memory to fit in, in GB as cards are sold (16 for a T4); default: the GPU found")
     return p
 
 
@@ -277,9 +258,7 @@ def announce_model(args: argparse.Namespace) -> None:
                       "scores mean nothing about quality.[/]")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data and preflight
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- Data and preflight
 
 def load_splits(data_dir: Path) -> dict[str, Any]:
     """The train and val records with their file, line and split, read by the one record reader (howto.records)."""
@@ -312,24 +291,6 @@ def check_resume(args: argparse.Namespace, out_dir: Path, files: list[Path]) -> 
                            "trained on, or train the new data into another --out")
 
 
-def check_memory(args: argparse.Namespace, base_path: str, check: Console) -> None:
-    """The preflight's estimate of peak GPU memory for these settings (8-bit AdamW, as on a GPU); a run that does
-    not fit ends here, before anything is downloaded."""
-    arch, source = preflight.architecture(base_path)
-    if arch is None:
-        check.print(f"memory: not estimated ({source})")
-        return
-    parts = preflight.estimate_memory(
-        arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
-        batch_size=args.batch_size, seq_len=args.max_seq_length,
-        checkpointing="offload" if args.engine == "unsloth" else "on", fused=args.engine == "unsloth",
-        optimizer_bytes=2)
-    budget, where = preflight.gpu_budget(args.gpu_memory)
-    what = (f"{Path(base_path).name}, {args.engine} engine, {4 if args.load_in_4bit else 16}-bit weights, LoRA r="
-            f"{args.lora_r}, {args.batch_size} x {args.max_seq_length} tokens")
-    preflight.check_memory(parts, budget, where, what, vars(args), check)
-
-
 def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, Any], out_dir: Path,
                     check: Console) -> dict[str, Any]:
     """Both splits as datasets of input_ids + completion_mask (howto.chat.encode_example, the one tokenization),
@@ -355,9 +316,7 @@ def sft_collator(tokenizer: Any) -> Callable[[list[dict[str, Any]]], Any]:
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------- Model
 
 def import_engine(engine: str) -> None:
     """Unsloth patches transformers, TRL and peft when imported, so it must come before them in the process."""
@@ -365,8 +324,8 @@ def import_engine(engine: str) -> None:
         try:
             import unsloth  # noqa: F401
         except ImportError as e:
-            raise SystemExit(f"error: --engine unsloth: Unsloth cannot be imported ({e}); "
-                             "pip install -r requirements.txt, or use --engine hf") from None
+            raise RunError(f"--engine unsloth: Unsloth cannot be imported ({e}); "
+                           "pip install -r requirements.txt, or use --engine hf") from None
 
 
 def sharded_launch() -> bool:
@@ -440,9 +399,7 @@ def set_pad_token(tokenizer: Any) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Trainer
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------- Trainer
 
 def optimizer_for(engine: str) -> str:
     """8-bit AdamW on a GPU (Unsloth's recipe; the paged variant is the QLoRA paper's), plain AdamW on a CPU."""
@@ -460,38 +417,23 @@ def sft_config_kwargs(args: argparse.Namespace, out_dir: Path, precision: str, e
 
     strategy = "steps" if args.eval_steps else "epoch"
     return dict(
-        output_dir=str(out_dir / "checkpoints"),
-        num_train_epochs=args.epochs,
-        learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+        output_dir=str(out_dir / "checkpoints"), num_train_epochs=args.epochs, learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=args.scheduler,
-        optim=optimizer_for(args.engine),
-        weight_decay=0.01,
-        seed=args.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy=strategy,
-        save_strategy=strategy,
-        eval_steps=args.eval_steps or None,
+        lr_scheduler_type=args.scheduler, optim=optimizer_for(args.engine), weight_decay=0.01, seed=args.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        eval_strategy=strategy, save_strategy=strategy, eval_steps=args.eval_steps or None,
         save_steps=args.eval_steps or None,
         save_total_limit=2,  # the best checkpoint and the last one, which --resume continues from
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward pass
         # The untrained model's validation loss first: the baseline every later evaluation is read against. Not on
         # --resume, where it would count the checkpoint's own evaluation twice against the patience.
         eval_on_start=not resuming,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=min(10, max(1, epoch_steps // 4)),
-        report_to=args.report_to,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=min(10, max(1, epoch_steps // 4)), report_to=args.report_to,
         include_num_input_tokens_seen="non_padding",
-        max_length=args.max_seq_length,
-        packing=args.packing,
-        completion_only_loss=True,
+        max_length=args.max_seq_length, packing=args.packing, completion_only_loss=True,
         # Both loaders already switched on their own gradient checkpointing (Unsloth's offloaded one for Unsloth);
         # the Trainer must not wrap the model a second time.
         gradient_checkpointing=False,
@@ -544,9 +486,7 @@ def cpu_sft_trainer() -> type:
 
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# One training run
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------ One training run
 
 def last_checkpoint(out_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
@@ -564,54 +504,6 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def loss_curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    train = [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"]} for h in log_history if "loss" in h]
-    val = [{"step": h["step"], "epoch": h.get("epoch"), "loss": h["eval_loss"]} for h in log_history
-           if "eval_loss" in h]
-    return {"train": train, "val": val}
-
-
-def loss_table(log_history: list[dict[str, Any]]) -> Table:
-    """Each evaluation with the mean training loss logged since the one before, from the Trainer's own history."""
-    table = Table(title="Evaluation on the validation split (* = new best)", title_justify="left")
-    for column in ("epoch", "step", "train loss", "val loss", "best val loss"):
-        table.add_column(column, justify="right")
-    recent: list[float] = []
-    best = math.inf
-    for entry in log_history:
-        if "loss" in entry:
-            recent.append(float(entry["loss"]))
-        if "eval_loss" not in entry:
-            continue
-        val = float(entry["eval_loss"])
-        if entry["step"] == 0:  # the untrained model: a baseline, not a checkpoint that could be kept
-            table.add_row("0.00", "0", "", f"{val:.4f}", "(before training)")
-            continue
-        best = min(best, val)
-        train = f"{sum(recent) / len(recent):.4f}" if recent else "-"
-        recent = []
-        table.add_row(f"{entry.get('epoch') or 0.0:.2f}", str(entry["step"]), train, f"{val:.4f}",
-                      f"{best:.4f}" + (" *" if val <= best else ""))
-    return table
-
-
-def plot_losses(curves: dict[str, list[dict[str, float]]], best_step: int | None, path: Path) -> None:
-    """Training and validation loss against the step: where the two part ways, the model starts to overfit."""
-    fig, ax = pyplot().subplots(figsize=(7, 4))
-    if curves["train"]:
-        ax.plot([p["step"] for p in curves["train"]], [p["loss"] for p in curves["train"]], label="train")
-    if curves["val"]:
-        ax.plot([p["step"] for p in curves["val"]], [p["loss"] for p in curves["val"]], "o-", label="validation")
-    if best_step is not None:
-        ax.axvline(best_step, color="grey", linestyle="--", label=f"best (step {best_step})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write_bytes(path, figure_png(fig, dpi=120))
-
-
 def save_adapter(trainer: Any, base_path: str, out_dir: Path) -> None:
     """The best adapter with the tokenizer beside it, so the run folder is all evaluate.py and the export need."""
     trainer.save_model(str(out_dir))  # the adapter, and the tokenizer it was given as processing_class
@@ -626,7 +518,7 @@ def save_adapter(trainer: Any, base_path: str, out_dir: Path) -> None:
 def save_interrupted(trainer: Any, out_dir: Path, argv: list[str]) -> None:
     """Ctrl-C: save the trainer's full state as a checkpoint, then say how to continue."""
     trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # progress bar, loggers
-    console.print(loss_table(trainer.state.log_history))
+    console.print(trainlog.loss_table(trainer.state.log_history))
     step = trainer.state.global_step
     if step == 0:
         console.print("\n[yellow]Interrupted before the first step[/]: nothing to save.")
@@ -651,11 +543,11 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     if args.resume:
         checkpoint = last_checkpoint(out_dir)
         if checkpoint is None:
-            raise SystemExit(f"error: --resume: no checkpoint in {out_dir / 'checkpoints'} to continue from")
+            raise RunError(f"--resume: no checkpoint in {out_dir / 'checkpoints'} to continue from")
         console.print(f"resuming from {checkpoint}")
     elif last_checkpoint(out_dir) is not None:
-        raise SystemExit(f"error: {out_dir / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to "
-                         "continue it, or choose another --out")
+        raise RunError(f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to continue "
+                       "it, or choose another --out")
 
     precision, why = choose_precision(args.engine)
     console.print(f"precision: [bold]{precision}[/] ({why})")
@@ -694,7 +586,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     save_adapter(trainer, base_path, out_dir)
     best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
     best_step = int(best.split("-")[-1]) if best else None
-    curves = loss_curves(state.log_history)
+    curves = trainlog.loss_curves(state.log_history)
     info.update({
         "status": "done",
         "peak_memory_gib": round(peak_memory_gib(), 3),
@@ -713,9 +605,9 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     })
     if is_main_process():
         write_json(out_dir / "metrics.json", {**curves, "best_val_loss": state.best_metric, "best_step": best_step})
-        plot_losses(curves, best_step, out_dir / "loss.png")
+        atomic_write_bytes(out_dir / "loss.png", trainlog.loss_png(curves, best_step))
         write_run_info(out_dir, config_record(args), data["files"], info)
-        console.print(loss_table(state.log_history))
+        console.print(trainlog.loss_table(state.log_history))
         print_summary(info, out_dir)
     del trainer, model
     models.free_memory()
@@ -736,9 +628,7 @@ def print_summary(info: dict[str, Any], out_dir: Path) -> None:
 
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sweep
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------- Sweep
 
 def trial_args(args: argparse.Namespace, choice: dict[str, Any], resume: bool = False) -> argparse.Namespace:
     """One trial's settings: the run's, with the trial's choice, training one run."""
@@ -766,17 +656,16 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
         sampler, size = optuna.samplers.GridSampler(space, seed=args.seed), math.prod(map(len, space.values()))
     study = optuna.create_study(study_name="finetune", storage=f"sqlite:///{db.resolve()}", load_if_exists=True,
                                 direction="minimize", sampler=sampler)
-    finished = {t.user_attrs["folder"] for t in study.trials if t.state == TrialState.COMPLETE}
-    for t in study.trials:
-        if t.state == TrialState.COMPLETE:
-            console.print(f"trial {t.user_attrs['folder']}: finished earlier, best val loss {t.value:.4f}")
-        elif t.state == TrialState.RUNNING:  # its process was stopped: the trial continues under a new number
-            study.tell(t.number, state=TrialState.FAIL)
-    interrupted = {t.user_attrs["folder"]: t.params for t in study.trials
-                   if "folder" in t.user_attrs and t.user_attrs["folder"] not in finished}
-    for folder, params in interrupted.items():
-        study.enqueue_trial(params, user_attrs={"folder": folder, "interrupted": True})
-    folders = iter(range(1 + max((t.user_attrs.get("folder", 0) for t in study.trials), default=0), 10**9))
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for t in finished:
+        console.print(f"trial {t.user_attrs['folder']}: finished earlier, best val loss {t.value:.4f}")
+    # A trial whose process was stopped stays RUNNING in the study: its choice runs again in its folder, from its
+    # last checkpoint (the grid returns to every unfinished point by itself; TPE is handed the choice again).
+    interrupted = {tuple(t.params[k] for k in TRIAL_KEYS): t.user_attrs["folder"] for t in study.trials
+                   if t.state == TrialState.RUNNING and "folder" in t.user_attrs}
+    for choice in interrupted if args.sweep_optuna_trials else ():
+        study.enqueue_trial(dict(zip(TRIAL_KEYS, choice, strict=True)))
+    folders = itertools.count(1 + max((t.user_attrs.get("folder", 0) for t in study.trials), default=0))
     low, high = min(args.sweep_lr), max(args.sweep_lr)
 
     def objective(trial: optuna.Trial) -> float:
@@ -786,11 +675,11 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
             "epochs": trial.suggest_categorical("epochs", args.sweep_epochs),
             "batch_size": trial.suggest_categorical("batch_size", args.sweep_batch_size),
         }
-        folder = trial.user_attrs.get("folder") or next(folders)
+        folder = interrupted.pop(tuple(choice.values()), None) or next(folders)
         trial.set_user_attr("folder", folder)
         trial_dir = sweep_dir / f"trial-{folder}"
-        resume = bool(trial.user_attrs.get("interrupted")) and last_checkpoint(trial_dir) is not None
         console.rule(f"trial {folder}: " + ", ".join(f"{k}={v}" for k, v in choice.items()))
+        resume = args.resume and last_checkpoint(trial_dir) is not None
         info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
         trial.set_user_attr("result", {**choice, "trial": folder, **info})
         return info["best_val_loss"]
@@ -814,6 +703,7 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
 
 
 def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
+    """results.csv, results.md and the console table, ranked by best validation loss."""
     columns = ["rank", "trial", *TRIAL_KEYS, "best_val_loss", "best_step", "global_step", "stopped_early",
                "train_tokens_per_s", "wall_time_s"]
     rows = [{"rank": i, **{c: r.get(c) for c in columns if c != "rank"}} for i, r in enumerate(ranked, 1)]
@@ -825,18 +715,14 @@ def write_sweep_results(ranked: list[dict[str, Any]], sweep_dir: Path) -> None:
     atomic_write_text(sweep_dir / "results.md", "# Sweep results, ranked by best validation loss\n\n"
                       + markdown_table(columns, ([row[c] for c in columns] for row in rows)) + "\n")
     table = Table(title="Sweep, ranked by best validation loss", title_justify="left")
-    for header in ("rank", "trial", "lr", "epochs", "batch", "best val loss", "best step", "stopped early"):
-        table.add_column(header, justify="right")
+    for column in columns[:8]:
+        table.add_column(column.replace("_", " "), justify="right")
     for row in rows:
-        table.add_row(str(row["rank"]), str(row["trial"]), f"{row['lr']:.3g}", str(row["epochs"]),
-                      str(row["batch_size"]), f"{row['best_val_loss']:.4f}", str(row["best_step"]),
-                      "yes" if row["stopped_early"] else "no")
+        table.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns[:8]))
     console.print(table)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------- Export
 
 def finished_run_base(out_dir: Path) -> str:
     """The base model a finished run trained, from its run_info.json, for --export-only."""

@@ -137,11 +137,21 @@ def gpu_budget(gpu_memory: float | None) -> tuple[float | None, str]:
     return None, "no GPU found and no --gpu-memory given"
 
 
-def check_memory(parts: dict[str, float], budget: float | None, where: str, what: str, settings: dict[str, Any],
-                 console: Console) -> None:
-    """Print the estimate; exit with the flags to turn down when it does not fit."""
+def check_memory(model: str, args: Any, console: Console) -> None:
+    """The estimate for finetune.py's settings (engine, load_in_4bit, lora_r, target_modules, batch_size,
+    max_seq_length, gpu_memory), with 8-bit AdamW as on a GPU; exit naming the flags to turn down when it does not
+    fit."""
+    arch, source = architecture(model)
+    if arch is None:
+        console.print(f"memory: not estimated ({source})")
+        return
+    unsloth = args.engine == "unsloth"
+    parts = estimate_memory(arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
+                            batch_size=args.batch_size, seq_len=args.max_seq_length,
+                            checkpointing="offload" if unsloth else "on", fused=unsloth, optimizer_bytes=2)
     total = sum(parts.values())
-    console.print(f"memory estimate for {what}:")
+    console.print(f"memory estimate for {Path(model).name}, {args.engine} engine, {4 if args.load_in_4bit else 16}-bit "
+                  f"weights, LoRA r={args.lora_r}, {args.batch_size} x {args.max_seq_length} tokens ({source}):")
     table = Table(title="Estimated peak GPU memory", title_justify="left")
     table.add_column("part")
     table.add_column("GB", justify="right")
@@ -149,25 +159,25 @@ def check_memory(parts: dict[str, float], budget: float | None, where: str, what
         table.add_row(name, f"{value / GB:.2f}")
     table.add_row("[bold]total[/]", f"[bold]{total / GB:.2f}[/]")
     console.print(table)
+    budget, where = gpu_budget(args.gpu_memory)
     if budget is None:
         console.print(f"memory: {where}: not checked")
-        return
-    if total <= budget:
+    elif total <= budget:
         console.print(f"memory: the estimated {total / GB:.1f} GB fit in {where}")
-        return
-    raise RunError(f"the run needs about {total / GB:.1f} GB of GPU memory, more than {where}: turn down "
-                   f"{flags_to_turn_down(parts, settings)}")
+    else:
+        raise RunError(f"the run needs about {total / GB:.1f} GB of GPU memory, more than {where}: turn down "
+                       f"{flags_to_turn_down(parts, args)}")
 
 
-def flags_to_turn_down(parts: dict[str, float], settings: dict[str, Any]) -> str:
-    """The settings whose parts are large, largest first, with their present values."""
+def flags_to_turn_down(parts: dict[str, float], args: Any) -> str:
+    """The settings whose parts are large, with their present values."""
     flags = []
     if parts["activations"] + parts["logits and loss"] > 0.2 * sum(parts.values()):
-        flags += [f"--batch-size (now {settings['batch_size']}; raise --grad-accum to keep the effective batch)",
-                  f"--max-seq-length (now {settings['max_seq_length']})"]
+        flags += [f"--batch-size (now {args.batch_size}; raise --grad-accum to keep the effective batch)",
+                  f"--max-seq-length (now {args.max_seq_length})"]
     if parts["LoRA adapter, gradients, optimizer"] > 1 * GB:
-        flags.append(f"--lora-r (now {settings['lora_r']})")
-    if not settings["load_in_4bit"]:
+        flags.append(f"--lora-r (now {args.lora_r})")
+    if not args.load_in_4bit:
         flags.append("--load-in-4bit (16-bit weights now)")
     return ", ".join(flags) or "--batch-size, --max-seq-length, --lora-r"
 
@@ -253,10 +263,12 @@ def check_examples(tokenizer: Any, records: list[dict[str, Any]], encoded: list[
 
 
 def check_padding(encoded: list[dict[str, list[int]]], collate: Callable[[list[dict[str, Any]]], Any]) -> Check:
-    """The shortest and the longest record collated together, as the trainer batches them: padding gets label -100."""
-    shortest = min(encoded, key=lambda e: len(e["input_ids"]))
-    longest = max(encoded, key=lambda e: len(e["input_ids"]))
-    batch = collate([shortest, longest])
+    """The shortest and the longest record batched by the trainer's collator, with labels built from
+    completion_mask as SFTTrainer's dataset preparation builds them: padding must get label -100."""
+    pair = [min(encoded, key=lambda e: len(e["input_ids"])), max(encoded, key=lambda e: len(e["input_ids"]))]
+    batch = collate([{"input_ids": e["input_ids"],
+                      "labels": [i if m else -100 for i, m in zip(e["input_ids"], e["completion_mask"], strict=True)]}
+                     for e in pair])
     labels, attention = batch["labels"].tolist(), batch["attention_mask"].tolist()
     padded = sum(a == 0 for row in attention for a in row)
     trained_pads = sum(a == 0 and label != -100 for lrow, arow in zip(labels, attention, strict=True)

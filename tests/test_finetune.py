@@ -256,6 +256,38 @@ def test_resume_without_a_checkpoint_and_reuse_of_a_run_folder_are_refused(small
         finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf"])
 
 
+def test_interrupted_sweep_continues_its_trial_from_the_checkpoint(small_data, tmp_path):
+    """Ctrl-C in a sweep leaves the trial unfinished in the Optuna study; --resume runs the same choice again in the
+    same folder, from its last checkpoint."""
+    out = tmp_path / "sweep-run"
+    flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--sweep", "--sweep-lr", "1e-2",
+             "--sweep-epochs", "10", "--sweep-batch-size", "2", "--patience", "0"]
+    trial = out / "sweep" / "trial-1"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (trial / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == finetune.INTERRUPTED_EXIT, output[-3000:]
+    stopped = read_json(trial / "run_info.json")["interrupted_at_step"]
+    assert stopped < 20
+
+    result = run_cli([*flags, "--resume"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    info = read_json(trial / "run_info.json")
+    assert (info["status"], info["resumed_from_step"], info["global_step"]) == ("done", stopped, 20)
+    assert sorted(p.name for p in (out / "sweep").glob("trial-*")) == ["trial-1"]
+    with open(out / "sweep" / "results.csv", newline="") as f:
+        assert [row["trial"] for row in csv.DictReader(f)] == ["1"]
+
+
 def test_resume_with_other_data_is_refused_and_rewrites_nothing(small_data, learnable_data, tmp_path):
     """Issue 11: --resume on another --data used to train nothing, exit 0 and rewrite the run's records."""
     from howto.runio import write_run_info

@@ -166,11 +166,13 @@ def test_lora_count_matches_peft_on_the_tiny_model(tiny_model):
 
 
 def test_too_big_names_the_flags_to_turn_down():
-    parts = t4_estimate(batch_size=16, seq_len=8192)
-    with pytest.raises(SystemExit, match=r"more than the 16 GB of --gpu-memory: turn down --batch-size \(now 16"):
-        preflight.check_memory(parts, 16e9, "the 16 GB of --gpu-memory", "test",
-                               {"batch_size": 16, "max_seq_length": 8192, "lora_r": 16, "load_in_4bit": True},
-                               Console(record=True))
+    args = finetune.parse(["--data", "DATA", "--out", "OUT", "--gpu-memory", "16", "--batch-size", "16",
+                           "--max-seq-length", "8192", "--no-load-in-4bit", "--lora-r", "256"])
+    with pytest.raises(SystemExit, match=r"more than the 16 GB of --gpu-memory: turn down --batch-size \(now 16; "
+                                         r".*--max-seq-length \(now 8192\), --lora-r \(now 256\), --load-in-4bit"):
+        preflight.check_memory("mistralai/Mistral-7B-Instruct-v0.3", args, Console(record=True))
+    args = finetune.parse(["--data", "DATA", "--out", "OUT", "--gpu-memory", "16"])  # the T4 defaults fit
+    preflight.check_memory("mistralai/Mistral-7B-Instruct-v0.3", args, Console(record=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------

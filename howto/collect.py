@@ -23,11 +23,14 @@ from typing import Any
 import yaml
 from bs4 import BeautifulSoup, NavigableString, Tag
 from markdown_it import MarkdownIt
+from pypdf import PdfReader
+from pypdf.errors import PdfReadError
 
 from howto.augment import parse_answer
 from howto.llm import ChatClient, LLMError
 from howto.pii import redact
 from howto.review import read_review, review_kind
+from howto.runio import RunError
 
 DOCUMENT_SUFFIXES = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf",
                      ".txt": "text"}
@@ -164,26 +167,36 @@ def collect_inputs(files: list[Path], client: ChatClient | None = None, max_llm_
     collection = Collection()
     review_counts: dict[str, int] = {}
     for path in files:
-        reviewed = review_kind(path)
-        if reviewed:
-            kept, counts, dropped = read_review(path, reviewed)
-            for key, n in counts.items():
-                review_counts[key] = review_counts.get(key, 0) + n
-            entry = {"file": str(path), "kind": f"review ({reviewed})", "procedures": len(kept), "skipped": dropped,
-                     "llm_requests": 0}
-            found = [(str(path), where, record) for where, record in kept]
-        elif source_kind(path):
-            used = sum(f["llm_requests"] for f in collection.report["files"])
-            records, report = collect_file(path, client, max_llm_requests - used)
-            entry, found = report.as_dict(), [(str(path), 0, record) for record in records]
-        else:
-            continue
-        collection.files.add(str(path))
-        collection.records += found
-        collection.report["files"].append(entry)
+        try:
+            collect_one(path, collection, review_counts, client, max_llm_requests)
+        except UnicodeDecodeError as e:
+            raise RunError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        except (ValueError, KeyError, PdfReadError) as e:  # a chat export without messages, a broken PDF
+            raise RunError(f"{path}: cannot be read as a raw source: {e}") from None
     collection.report["review"] = review_counts
     return collection
 
+
+def collect_one(path: Path, collection: Collection, review_counts: dict[str, int], client: ChatClient | None,
+                max_llm_requests: int) -> None:
+    """Add one file's records to the collection, when it is a raw source or a review export."""
+    reviewed = review_kind(path)
+    if reviewed:
+        kept, counts, dropped = read_review(path, reviewed)
+        for key, n in counts.items():
+            review_counts[key] = review_counts.get(key, 0) + n
+        entry = {"file": str(path), "kind": f"review ({reviewed})", "procedures": len(kept), "skipped": dropped,
+                 "llm_requests": 0}
+        found = [(str(path), where, record) for where, record in kept]
+    elif source_kind(path):
+        used = sum(f["llm_requests"] for f in collection.report["files"])
+        records, report = collect_file(path, client, max_llm_requests - used)
+        entry, found = report.as_dict(), [(str(path), 0, record) for record in records]
+    else:
+        return
+    collection.files.add(str(path))
+    collection.records += found
+    collection.report["files"].append(entry)
 
 def collected_section(report: dict[str, Any] | None) -> list[str]:
     """The "Collected" section of report.md: per file, procedures found and what was skipped, with the reason."""
@@ -266,8 +279,6 @@ def _ask_llm(client: ChatClient | None, what: str, text: str, source: str, repor
 def read_document(path: Path, kind: str) -> list[tuple[list[Block], str]]:
     """The blocks and title of each page: one page, except for a PDF (one per page, for provenance)."""
     if kind == "pdf":
-        from pypdf import PdfReader
-
         title = path.stem
         return [(markdown_blocks(plain_paragraphs(page.extract_text() or ""))[0], title)
                 for page in PdfReader(path).pages]

@@ -311,3 +311,17 @@ def test_prepare_data_extracts_with_the_llm_through_its_flags(tmp_path, monkeypa
     assert sum(f["llm_requests"] for f in stats["collected"]["files"]) == len(received)
     assert any("the LLM found no procedure either" in s for f in stats["collected"]["files"] for s in f["skipped"])
     assert "sk-test" not in (out / "report.md").read_text() + (out / "config.yaml").read_text()
+
+
+def test_unreadable_raw_sources_are_one_line_errors(tmp_path):
+    from howto.runio import RunError
+
+    latin1 = tmp_path / "page.html"
+    latin1.write_bytes("<main><h2>Réglages</h2></main>".encode("latin-1"))
+    broken_pdf = write(tmp_path / "manual.pdf", "not a pdf")
+    chats = write(tmp_path / "chats.jsonl", json.dumps(CHATS[0]) + "\n" + json.dumps({"id": "c9"}) + "\n")
+    for path, message in ((latin1, "not UTF-8 text"), (broken_pdf, "cannot be read as a raw source"),
+                          (chats, "conversation 2 has no 'messages' list")):
+        with pytest.raises(RunError, match=message) as error:
+            collect_inputs([path])
+        assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)

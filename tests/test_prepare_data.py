@@ -142,12 +142,12 @@ def test_unreadable_inputs_are_clear_errors(tmp_path, capsys):
     latin1.write_bytes('{"prompt": "Comment réinitialiser?", "response": ["a", "b"]}\n'.encode("latin-1"))
     assert prepare(latin1, "--out", tmp_path / "out") == 1
     assert prepare(tmp_path / "missing.json", "--out", tmp_path / "out") == 1
-    (tmp_path / "notes.txt").write_text("hello")
-    assert prepare(tmp_path / "notes.txt", "--out", tmp_path / "out") == 1
+    (tmp_path / "notes.docx").write_text("hello")  # .txt is a raw source now (howto.collect)
+    assert prepare(tmp_path / "notes.docx", "--out", tmp_path / "out") == 1
     stderr = capsys.readouterr().err
     assert f"{latin1}: not UTF-8 text" in stderr
     assert f"{tmp_path / 'missing.json'}: no such file or folder" in stderr
-    assert "notes.txt: unsupported file type" in stderr
+    assert "notes.docx: unsupported file type" in stderr
 
 
 def test_skip_invalid_keeps_the_valid_records_and_lists_the_skipped_ones(tmp_path, capsys):

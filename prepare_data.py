@@ -50,8 +50,8 @@ from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
 from howto.prepare_report import MAX_LISTED, plot_distributions, print_summary, render_report
 from howto.records import SUFFIXES, Raw, RecordError, read_records, to_record
 from howto.review import write_review
-from howto.runio import (RunError, atomic_dir, check_out_dir, library_versions, parse_args, write_json, write_jsonl,
-                         write_run_info)
+from howto.runio import (RunError, atomic_dir, check_out_dir, library_versions, parse_args, positive_int, write_json,
+                         write_jsonl, write_run_info)
 
 SPLITS = ("train", "val", "test")
 OUTPUTS = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "report.md", "distributions.png", "config.yaml",
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON (one record or a list), JSONL, Alpaca-style JSON/JSONL or CSV files, HTML, Markdown, "
                         "PDF or .txt pages, chat exports, review exports, or folders of them")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder for train/val/test.jsonl, stats.json, report.md, distributions.png")
+                   help="output folder for train/val/test.jsonl, stats.json, report.md, distributions.png; "
+                        "replaced whole when the run succeeds")
     p.add_argument("--keep-case", action="store_true", help="do not lowercase prompts and steps")
     p.add_argument("--keep-punctuation", action="store_true", help="do not strip punctuation from prompts and steps")
     p.add_argument("--skip-invalid", action="store_true",
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mistral",
                    help="model whose tokenizer and chat template count tokens: mistral, tiny, smollm2, a folder or "
                         "a hub id (default: %(default)s)")
-    p.add_argument("--max-seq-length", type=int, default=1024, metavar="N",
+    p.add_argument("--max-seq-length", type=positive_int, default=1024, metavar="N",
                    help="longest tokenized conversation allowed (default: %(default)s)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="records over --max-seq-length are dropped, or cut by whole steps from the end until they "
@@ -171,8 +172,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give at least one INPUT file or folder")
     if not 0 < args.near_dup_threshold <= 1:
         parser.error("--near-dup-threshold must be in (0, 1]")
-    if args.max_seq_length < 1:
-        parser.error("--max-seq-length must be at least 1")
     return args
 
 
@@ -275,12 +274,13 @@ def validate_records(raws: list[Raw]) -> tuple[list[Item], list[str], Counter]:
     """Valid records as Items, an error line (file, line, record index, field) per invalid one, unknown fields."""
     items, errors, unknown = [], [], Counter()
     for raw in progress(raws, "validate"):
+        if raw.problem:  # a line that is not JSON, a key written twice, a CSV row with extra cells
+            errors.append(raw.problem)
+            continue
         try:
-            if raw.problem:
-                raise RecordError(None, raw.problem)
             record, extra = to_record(raw)
         except RecordError as e:
-            errors.append(str(e) if raw.problem else f"{raw.where()}, {e}")
+            errors.append(f"{raw.where()}, {e}")
             continue
         unknown.update(extra)
         items.append(Item(record, raw.where()))

@@ -156,21 +156,6 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl_lines(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, value) of each record of a JSONL file, so later errors can name the line too; a broken line
-    is reported with file, line and column, never skipped."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    return rows
-
-
 def hash_files(paths: Iterable[str | Path]) -> str:
     """sha256 over the files' names and bytes, in sorted order: the identity of a run's data."""
     h = hashlib.sha256()

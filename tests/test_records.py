@@ -38,3 +38,11 @@ def test_csv_rows_keep_their_lines_through_quoted_line_breaks(tmp_path):
     path.write_text("prompt,steps,prompt\nq?,a,b\n")
     with pytest.raises(RunError, match=r"d\.csv:1: column 'prompt' named twice in the header"):
         read_records(path)
+
+
+def test_jsonl_lines_are_counted_with_blank_ones_and_a_broken_line_names_its_column(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert [(raw.line, raw.data) for raw in read_records(path)] == [(1, {"a": 1}), (3, {"a": 2})]
+    path.write_text('{"a": 1}\n{"a": 2,,}\n')
+    assert read_records(path)[1].problem.startswith(f"{path}:2:9: malformed JSON at line 2, column 9")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, figure_png, hash_files, markdown_table,
-                         parse_args, positive_int, pyplot, read_jsonl_lines, write_run_info)
+                         parse_args, positive_int, pyplot, write_run_info)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,15 +57,6 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_text(target, "new " * 1000)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
-
-
-def test_read_jsonl_names_file_and_line(tmp_path):
-    path = tmp_path / "a.jsonl"
-    path.write_text('{"a": 1}\n\n{"a": 2}\n')
-    assert read_jsonl_lines(path) == [(1, {"a": 1}), (3, {"a": 2})]  # blank lines hold no record but count
-    path.write_text('{"a": 1}\n{"a": 2,,}\n')
-    with pytest.raises(ValueError, match=r"a\.jsonl:2:9: invalid JSON"):
-        read_jsonl_lines(path)
 
 
 def test_run_info_records_config_versions_and_data_hash(tmp_path):

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,8 +46,9 @@ from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
 from howto.generate import GGUFGenerator, HFGenerator, is_gguf_file, quiet_libraries
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MINILM, BertScore, BertScoreUnavailable, StepEncoder,
                            mean_defined, paired_comparison, prompt_key, score_examples)
-from howto.runio import atomic_write_bytes, atomic_write_text, hash_files, parse_args, read_jsonl_lines, write_json, \
-    write_jsonl, write_run_info
+from howto.records import read_clean, read_records
+from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, parse_args,
+                         positive_int, write_json, write_jsonl, write_run_info)
 
 console = Console(stderr=True)
 Table = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
@@ -104,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "response, output as a string or a list of steps, category optional); the first is the "
                         "baseline every other system is compared with")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--limit", type=int, help="evaluate only the first N test prompts")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N test prompts")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling, the bootstrap and rating order")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per answer")
-    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="most tokens generated per answer")
+    gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together (left-padded)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding; above 0 samples")
     gen.add_argument("--gguf-context", type=int, default=2048,
                      help="context length (prompt + answer) for a GGUF model; its KV cache is allocated up front")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "reference steps: a folder, hub id, or 'minilm'")
     sc.add_argument("--align-threshold", type=float, default=DEFAULT_ALIGN_THRESHOLD,
                     help="least cosine similarity for two steps to count as the same step")
-    sc.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
+    sc.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the confidence intervals")
     sc.add_argument("--show-examples", type=int, default=5, help="examples shown where two systems differ most")
     ex = p.add_argument_group("exports and forgetting")
     ex.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True,
@@ -149,27 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> Path:
-    """Every check that needs no model, before any slow work; returns the output folder, created and writable."""
+    """Every check that needs no model, before any slow work; returns the output folder, created."""
     if not args.predictions and not (args.data and args.finetuned):
-        raise SystemExit("give --data and --finetuned to generate, or --predictions NAME=FILE ... to score files")
-    for flag, value, least in (("--bootstrap", args.bootstrap, 100), ("--limit", args.limit, 1),
-                               ("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
-                               ("--show-examples", args.show_examples, 0)):
-        if value is not None and value < least:
-            raise SystemExit(f"{flag} {value}: must be at least {least}")
+        raise RunError("give --data and --finetuned to generate, or --predictions NAME=FILE ... to score files")
+    if args.bootstrap < 100:
+        raise RunError(f"--bootstrap {args.bootstrap}: a 95% interval needs at least 100 resamples (default 2000)")
     if args.parity_tolerance < 0:
-        raise SystemExit(f"--parity-tolerance {args.parity_tolerance}: must be 0 or more")
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"--out {out_dir}: exists and is not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
-    try:
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise SystemExit(f"--out {out_dir}: cannot write in the folder ({e.strerror})") from None
+        raise RunError(f"--parity-tolerance {args.parity_tolerance}: must be 0 or more")
+    out_dir = check_out_dir(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 
@@ -182,48 +170,45 @@ def test_file(data: str) -> Path:
     file = path / "test.jsonl" if path.is_dir() else path
     if not file.is_file():
         hint = " (expected test.jsonl in the folder)" if path.is_dir() else ""
-        raise SystemExit(f"--data {data}: no such file{hint}")
+        raise RunError(f"--data {data}: no such file{hint}")
     return file
 
 
 def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        rows = read_jsonl_lines(path)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    for lineno, record in rows:
-        if not isinstance(record, dict):
-            raise SystemExit(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    rows = []
+    for raw in read_records(path):
+        if raw.problem:
+            raise RunError(raw.problem)
+        if not isinstance(raw.data, dict):
+            raise RunError(f"{path}:{raw.line}: expected a JSON object, got {type(raw.data).__name__}")
+        rows.append((raw.line, raw.data))
     return rows
 
 
 def _steps_field(value: Any, where: str, field: str) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(s, str) and s.strip() for s in value):
-        raise SystemExit(f"{where}: field {field!r} must be a non-empty list of non-empty strings")
+        raise RunError(f"{where}: field {field!r} must be a non-empty list of non-empty strings")
     return [s.strip() for s in value]
 
 
 def _prompt_field(record: dict[str, Any], where: str) -> str:
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise SystemExit(f"{where}: field 'prompt' must be a non-empty string")
+        raise RunError(f"{where}: field 'prompt' must be a non-empty string")
     return prompt
 
 
 def load_test_set(file: Path, limit: int | None) -> list[dict[str, Any]]:
-    """Test records as examples {prompt, response, category}; a prompt seen twice is evaluated once."""
+    """Test records as examples {prompt, response, category} (howto.records' clean records); a prompt seen twice
+    is evaluated once."""
     examples: dict[str, dict[str, Any]] = {}
-    for lineno, record in _jsonl_records(file):
-        where = f"{file}:{lineno}"
-        prompt = _prompt_field(record, where)
-        response = _steps_field(record.get("response"), where, "response")
-        if prompt_key(prompt) in examples:
-            console.print(f"[yellow]{where}: duplicate prompt, evaluated once[/]")
+    for lineno, record in read_clean(file):
+        if prompt_key(record["prompt"]) in examples:
+            console.print(f"[yellow]{file}:{lineno}: duplicate prompt, evaluated once[/]")
             continue
-        examples[prompt_key(prompt)] = {"prompt": prompt, "response": response,
-                                        "category": str(record.get("category") or "uncategorized")}
+        examples[prompt_key(record["prompt"])] = {k: record[k] for k in ("prompt", "response", "category")}
     if not examples:
-        raise SystemExit(f"{file}: no test records")
+        raise RunError(f"{file}: no test records")
     return list(examples.values())[:limit]
 
 
@@ -232,12 +217,12 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
     from --data when the prompt is there."""
     name, sep, file = spec.partition("=")
     if not sep or not name or not file:
-        raise SystemExit(f"--predictions {spec}: expected NAME=FILE")
+        raise RunError(f"--predictions {spec}: expected NAME=FILE")
     if name in {"plots"} or "/" in name or name.startswith("."):
-        raise SystemExit(f"--predictions {spec}: {name!r} cannot be used as a system name")
+        raise RunError(f"--predictions {spec}: {name!r} cannot be used as a system name")
     path = Path(file)
     if not path.is_file():
-        raise SystemExit(f"--predictions {spec}: no such file {file}")
+        raise RunError(f"--predictions {spec}: no such file {file}")
     table: Table = {}
     seen: dict[str, int] = {}
     for lineno, record in _jsonl_records(path):
@@ -245,7 +230,7 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
         prompt = _prompt_field(record, where)
         key = prompt_key(prompt)
         if key in seen:
-            raise SystemExit(f"{where}: duplicate prompt (first on line {seen[key]})")
+            raise RunError(f"{where}: duplicate prompt (first on line {seen[key]})")
         seen[key] = lineno
         test = known.get(key, {})
         field = "reference" if "reference" in record else "response"
@@ -254,19 +239,19 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
         elif test:
             response = test["response"]
         else:
-            raise SystemExit(f"{where}: field 'reference' (or 'response') is missing and the prompt is not in --data")
+            raise RunError(f"{where}: field 'reference' (or 'response') is missing and the prompt is not in --data")
         output = record.get("output")
         if isinstance(output, list) and all(isinstance(s, str) for s in output):
             steps, text = [s.strip() for s in output if s.strip()], render_steps(output)
         elif isinstance(output, str):
             steps, text = parse_steps(output), output
         else:
-            raise SystemExit(f"{where}: field 'output' must be a string or a list of strings")
+            raise RunError(f"{where}: field 'output' must be a string or a list of strings")
         table[key] = {"prompt": prompt, "response": response, "output": text, "steps": steps,
                       "category": str(record.get("category") or test.get("category") or "uncategorized"),
                       "n_tokens": record.get("n_tokens"), "seconds": record.get("seconds")}
     if not table:
-        raise SystemExit(f"{path}: no predictions")
+        raise RunError(f"{path}: no predictions")
     return name, path, table
 
 
@@ -278,7 +263,7 @@ def read_all_predictions(specs: list[str], examples: list[dict[str, Any]],
     for spec in specs:
         name, path, table = read_predictions(spec, known)
         if name in tables:
-            raise SystemExit(f"--predictions: the name {name!r} is given twice")
+            raise RunError(f"--predictions: the name {name!r} is given twice")
         tables[name], sources[name] = dict(list(table.items())[:limit]), path
     return tables, sources
 
@@ -297,40 +282,29 @@ class System:
     tokenizer_model: str | None = None  # where the canonical tokenizer comes from (for GGUF)
 
 
-def _run_info(path: Path) -> dict[str, Any]:
-    """finetune.py's run_info.json for a run folder, or for its merged/ or gguf/ subfolder."""
-    folder = path if path.is_dir() else path.parent
-    for candidate in (folder / "run_info.json", folder.parent / "run_info.json"):
-        if candidate.is_file():
-            info = json.loads(candidate.read_text(encoding="utf-8"))
-            if "base_model" in info:
-                return info
-    return {}
-
-
 def as_system(name: str, path: Path, base: str, flag: str) -> System:
     """A GGUF file, an adapter folder or a merged model folder as a system, or a clear error naming the flag."""
     if path.is_file():
         if not is_gguf_file(str(path)):
-            raise SystemExit(f"{flag} {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+            raise RunError(f"{flag} {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return System(name, gguf=str(path), tokenizer_model=base)
     if (path / "adapter_config.json").is_file():
         return System(name, model=base, adapter=str(path))
     if (path / "config.json").is_file():
         return System(name, model=str(path))
-    raise SystemExit(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model folder "
+    raise RunError(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model folder "
                      "(config.json) or a .gguf file")
 
 
 def resolve_systems(base: str | None, finetuned: str) -> list[System]:
     """The base and fine-tuned systems, with the base that training used unless --base says otherwise."""
-    from howto.models import default_model
+    from howto.models import default_model, read_run_info
 
     path = Path(finetuned)
     if not path.exists():
-        raise SystemExit(f"--finetuned {finetuned}: no such file or folder")
+        raise RunError(f"--finetuned {finetuned}: no such file or folder")
     adapter_config = path / "adapter_config.json"
-    trained_on = _run_info(path).get("base_model")
+    trained_on = read_run_info(path).get("base_model")
     if trained_on is None and adapter_config.is_file():
         trained_on = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     base = base or trained_on or default_model()
@@ -343,12 +317,12 @@ def export_systems(args: argparse.Namespace, base: str) -> list[System]:
         found = [(parity.export_name(Path(p)), Path(p)) for p in args.exports]
         for _, path in found:
             if not path.exists():
-                raise SystemExit(f"--exports {path}: no such file or folder")
+                raise RunError(f"--exports {path}: no such file or folder")
     else:
         found = parity.find_exports(Path(args.finetuned))
     names = [name for name, _ in found]
     if len(set(names)) < len(names) or {"base", "finetuned"} & set(names):
-        raise SystemExit(f"--exports: the exports need distinct names other than base and finetuned, got {names}")
+        raise RunError(f"--exports: the exports need distinct names other than base and finetuned, got {names}")
     return [as_system(name, path, base, "--exports") for name, path in found]
 
 
@@ -400,7 +374,7 @@ def cached_rows(path: Path, key: str) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError as e:
             if lineno == len(lines):
                 break
-            raise SystemExit(f"{path}:{lineno}:{e.colno}: invalid JSON in the predictions cache ({e.msg}); delete "
+            raise RunError(f"{path}:{lineno}:{e.colno}: invalid JSON in the predictions cache ({e.msg}); delete "
                              "the file to generate again") from None
         if row.get("settings_hash") == key:
             rows[prompt_key(row["prompt"])] = row
@@ -429,6 +403,8 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
     atomically, in test order (rows of other prompts with the same settings are kept after them, so a --limit run
     does not throw work away). `seconds` is the batch's time shared evenly among its prompts.
     """
+    from howto.models import free_memory
+
     key = settings_hash(system, args)
     path = out_dir / system.name / "predictions.jsonl"
     cache = cached_rows(path, key)
@@ -467,7 +443,7 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
             probe_rows = forgetting.probe_model(generate.lm, generate.tokenizer, probe or [], args.batch_size)
         write_jsonl(probe_path, [{**r, "settings_hash": probe_key} for r in probe_rows])
     del generate
-    _free_memory()
+    free_memory()
     table = {prompt_key(ex["prompt"]): cache[prompt_key(ex["prompt"])] for ex in examples}
     write_jsonl(path, [*table.values(), *(row for k, row in cache.items() if k not in table)])
     return table, probe_rows
@@ -483,17 +459,6 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console)
 
 
-def _free_memory() -> None:
-    """Drop one model before the next loads: two 7B models need not share a GPU."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring and comparison
 # ---------------------------------------------------------------------------------------------------------------------
@@ -503,7 +468,7 @@ def load_scorers(args: argparse.Namespace) -> tuple[BertScore, StepEncoder]:
     try:
         bertscore = BertScore(args.bertscore_model, args.bertscore_layers, batch_size=args.bertscore_batch_size)
     except BertScoreUnavailable as e:
-        raise SystemExit(str(e)) from None
+        raise RunError(str(e)) from None
     return bertscore, StepEncoder(args.align_model)
 
 
@@ -553,7 +518,7 @@ def paired_keys(baseline: Table, other: Table, names: tuple[str, str]) -> list[s
     """The prompts both systems answered (whitespace-normalised); none at all is an error."""
     common = [k for k in baseline if k in other]
     if not common:
-        raise SystemExit(f"{names[1]} and {names[0]} answered no prompt in common ({len(other)} and {len(baseline)} "
+        raise RunError(f"{names[1]} and {names[0]} answered no prompt in common ({len(other)} and {len(baseline)} "
                          "prompts): nothing to compare")
     if len(common) < max(len(baseline), len(other)):
         console.print(f"[yellow]{names[1]} vs {names[0]}: {len(common)} prompts paired ({len(other)} and "
@@ -660,11 +625,11 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir:
             client = ChatClient.from_settings(args.judge_url, args.judge_model, key_env=args.judge_key_env)
             result["judge"] = ratings.judge_outputs(rating_examples(tables, systems), client, seed=args.seed)
         except LLMError as e:
-            raise SystemExit(f"LLM judge: {e}") from None
+            raise RunError(f"LLM judge: {e}") from None
         write_jsonl(out_dir / "judge.jsonl", result["judge"]["per_example"])
     if args.rating_sheet:
         if len(systems) < 2:
-            raise SystemExit("--rating-sheet needs two systems")
+            raise RunError("--rating-sheet needs two systems")
         csv_path, html_path = ratings.write_rating_sheet(rating_examples(tables, systems[:2]), out_dir,
                                                          seed=args.seed)
         result["rating_sheet"] = {"csv": str(csv_path), "html": str(html_path), "systems": systems[:2],
@@ -675,7 +640,7 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir:
         try:
             result["human"] = ratings.read_ratings([Path(f) for f in args.ratings], key, systems=systems[:2])
         except (ratings.RatingsError, ValueError) as e:
-            raise SystemExit(f"--ratings: {e}") from None
+            raise RunError(f"--ratings: {e}") from None
     return result
 
 
@@ -724,7 +689,7 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
 def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
     worse = [name for name, p in ((metrics.get("parity") or {}).get("exports") or {}).items() if p["verdict"] == "worse"]
     if worse and args.fail_on_regression:
-        raise SystemExit(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the "
+        raise RunError(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the "
                          f"tolerance {args.parity_tolerance} (see the parity section of {Path(args.out) / 'report.md'})")
     for name in worse:
         console.print(f"[red]{name} is worse than the adapter it was exported from (see the parity section)[/]")

@@ -28,6 +28,7 @@ RUN="$OUT/$MODEL"
 
 "$PY" prepare_data.py "$DATA" --out "$OUT/data" --model "$MODEL" --config "$CONFIG"
 "$PY" finetune.py --data "$OUT/data" --out "$RUN" --model "$MODEL" --config "$CONFIG" --export gguf --quant "$QUANT"
+# Base against the adapter, the exported GGUF against the adapter (parity), and the forgetting probe.
 "$PY" evaluate.py --data "$OUT/data" --finetuned "$RUN" --out "$RUN/eval" --config "$CONFIG" "${EVAL_FLAGS[@]}"
 
 echo

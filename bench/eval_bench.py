@@ -1,14 +1,21 @@
-"""How fast evaluation runs: scored examples per second for the metrics alone, and generation throughput batched
-versus one prompt at a time.
+"""How fast evaluation runs: scored examples per second for the metrics alone, generation throughput batched
+versus one prompt at a time, and how much of a batch's work is useful when answers end at different lengths.
 
-    python bench/eval_bench.py                       # 1,000 pairs, 16 prompts on the tiny model
-    python bench/eval_bench.py --pairs 200 --prompts 8
+    python bench/eval_bench.py                       # 1,000 pairs, 16 prompts on the tiny model, 32 on SmolLM2
+    python bench/eval_bench.py --pairs 200 --prompts 8 --straggler-prompts 0
 
 Metrics: BERTScore and the step encoder are all-MiniLM-L6-v2 (the offline settings); the 1,000 pairs are made from
 the bundled dataset's references, with steps dropped, shuffled or reversed, so outputs and references differ as they
 do in a real run. Model loading is timed apart. Generation: the tiny random-weight model by default, greedy; its
 answers are all `--max-new-tokens` long (random weights never emit the end-of-sequence token), so both modes do the
 same work. A real model (`--model smollm2`) stops answers early, and a batch runs until its longest answer ends.
+
+Stragglers: SmolLM2 (a real model, whose answers end when they are done) answers the bundled test-like prompts
+in batches of `--batch-size`, at most 160 new tokens (the CPU profile's cap), once with the prompts in the order
+evaluate.py used before (by prompt length) and once in its order now (by the reference answer's length). A batch
+computes a token for every row at every step until its longest answer ends, so the useful share is the tokens
+answered over rows x steps. The share is a property of the greedy answers, the same on any machine; the times
+are not.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-import evaluate  # noqa: E402
+from howto.chat import render_steps  # noqa: E402
+from howto.generate import generate_batch  # noqa: E402
 from howto.metrics import METRICS, BertScore, StepEncoder, paired_comparison, score_examples  # noqa: E402
 
 
@@ -81,14 +89,14 @@ def bench_generation(model: str, n_prompts: int, max_new_tokens: int, batch_size
 
     lm, tokenizer = load_for_generation(model)
     prompts = synthetic_pairs(n_prompts, 0)[0]
-    evaluate.generate_batch(lm, tokenizer, prompts[:2], max_new_tokens)  # warm-up
+    generate_batch(lm, tokenizer, prompts[:2], max_new_tokens)  # warm-up
     results: dict[str, tuple[int, float]] = {}
     for _ in range(repeats):
         for label, size in (("one prompt at a time", 1), (f"batched ({batch_size}, left-padded)", batch_size)):
             began = time.perf_counter()
             tokens = 0
             for start in range(0, len(prompts), size):
-                tokens += sum(n for _, n in evaluate.generate_batch(lm, tokenizer, prompts[start : start + size],
+                tokens += sum(n for _, n in generate_batch(lm, tokenizer, prompts[start : start + size],
                                                                      max_new_tokens))
             seconds = time.perf_counter() - began
             if label not in results or seconds < results[label][1]:
@@ -97,6 +105,33 @@ def bench_generation(model: str, n_prompts: int, max_new_tokens: int, batch_size
              f"{tokens / seconds:.0f} tok/s") for label, (tokens, seconds) in results.items()]
     (one_t, one_s), (many_t, many_s) = results.values()
     rows.append(("generation: batched / one at a time", "", f"{(many_t / many_s) / (one_t / one_s):.2f}x"))
+    return rows
+
+
+def bench_stragglers(n_prompts: int, batch_size: int, max_new_tokens: int = 160) -> list[tuple[str, str, str]]:
+    """Useful tokens over computed tokens (rows x steps of each batch), prompts ordered the old way and the new."""
+    from howto.models import load_for_generation
+
+    records = [json.loads(line) for line in (ROOT / "data" / "howto_steps.jsonl").read_text().splitlines()]
+    records = records[:: max(1, len(records) // n_prompts)][:n_prompts]
+    lm, tokenizer = load_for_generation("smollm2")
+    orders = {"by prompt length (before)": lambda r: len(r["prompt"]),
+              "by reference length (now)": lambda r: len(render_steps(r["response"]))}
+    rows = []
+    for label, key in orders.items():
+        todo = sorted(records, key=key)
+        useful = computed = 0
+        began = time.perf_counter()
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            lengths = [n for _, n in generate_batch(lm, tokenizer, [r["prompt"] for r in batch], max_new_tokens)]
+            steps = [min(n + 1, max_new_tokens) for n in lengths]  # an answer that ends spends a step on its end
+            useful += sum(steps)
+            computed += len(batch) * max(steps)  # every row runs until the batch's longest answer ends
+        seconds = time.perf_counter() - began
+        rows.append((f"stragglers, smollm2, {len(todo)} prompts in batches of {batch_size}: {label}",
+                     f"{seconds:.1f} s, {useful} of {computed} tokens useful",
+                     f"{useful / computed:.0%} useful, {useful / seconds:.1f} useful tok/s"))
     return rows
 
 
@@ -109,11 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch in the batched mode")
     parser.add_argument("--repeats", type=int, default=3, help="generation runs per mode; the fastest is kept")
     parser.add_argument("--seed", type=int, default=0, help="seed for the synthetic pairs")
+    parser.add_argument("--straggler-prompts", type=int, default=32,
+                        help="bundled prompts SmolLM2 answers in the straggler bench; 0 skips it")
     args = parser.parse_args(argv)
     import torch
 
     rows = bench_metrics(args.pairs, args.seed) + bench_generation(args.model, args.prompts, args.max_new_tokens,
                                                                      args.batch_size, args.repeats)
+    if args.straggler_prompts:
+        rows += bench_stragglers(args.straggler_prompts, args.batch_size)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     table = Table(title=f"evaluate.py speed ({'GPU' if torch.cuda.is_available() else 'CPU'}, "
                         f"{torch.get_num_threads()} threads{load})")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
 
 from howto.chat import render_steps
 from howto.metrics import LOWER_IS_BETTER, METRICS, prompt_key
+from howto.runio import figure_png, markdown_table, pyplot
 
 METRIC_LABELS = {
     "bertscore_p": "BERTScore precision", "bertscore_r": "BERTScore recall", "bertscore_f1": "BERTScore F1",
@@ -73,9 +73,9 @@ PARITY_HEADER = ["Export", "n paired", "identical answers", "Δ BERTScore F1 [95
 
 
 def forgetting_rows(forgetting: dict[str, Any]) -> list[list[str]]:
-    labels = {"loss": "Reference-answer loss (per token; lower is better)",
-              "over_formatting": "Numbered list for a question that is not a how-to (lower is better)",
-              "howto_list_rate": "Numbered list for a how-to question"}
+    labels = {"loss": "Answer loss per token (lower is better)",
+              "over_formatting": "Numbered list, not a how-to (lower is better)",
+              "howto_list_rate": "Numbered list, how-to question"}
     return [[label, str(forgetting[k]["n"]), fmt(forgetting[k]["base"]), fmt(forgetting[k]["finetuned"]),
              fmt(forgetting[k]["delta"]) if forgetting[k]["delta"] is None else f"{forgetting[k]['delta']:+.3f}",
              fmt_ci(forgetting[k]), fmt_p(forgetting[k]["p_value"])] for k, label in labels.items()]
@@ -88,16 +88,10 @@ FORGETTING_HEADER = ["Measure", "n", "base", "finetuned", "Δ (finetuned − bas
 
 def make_plots(tables: dict[str, Table], metrics: dict[str, Any]) -> dict[str, bytes]:
     """PNG plots: per-example score distributions, scores by category, order accuracy by number of steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def png(fig: Any) -> bytes:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return buffer.getvalue()
+        return figure_png(fig, dpi=110, tight=True)
 
     plots = {}
     shown = ("bertscore_f1", "order_accuracy", "step_coverage")
@@ -320,15 +314,6 @@ def ratings_blocks(ratings: dict[str, Any]) -> list[Block]:
 
 
 # --------------------------------------------------------------------------------------------------------- renderers
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows])
-
 
 def render_markdown(blocks: list[Block], plot_dir: str) -> str:
     out = []

@@ -123,7 +123,7 @@ def test_bad_predictions_name_the_file_line_and_field(tmp_path):
     with pytest.raises(SystemExit, match=r"noref\.jsonl:1: field 'reference'"):
         evaluate.main(["--predictions", f"x={no_ref}", "--out", str(tmp_path / "out")])
     test = tmp_path / "test.jsonl"
-    test.write_text('{"prompt": "a", "response": ["x"]}\n{"prompt": "b", "response": "x"}\n')
+    test.write_text('{"prompt": "a", "response": ["x", "y"]}\n{"prompt": "b", "response": "x"}\n')
     with pytest.raises(SystemExit, match=r"test\.jsonl:2: field 'response'"):
         evaluate.load_test_set(test, None)
 
@@ -145,7 +145,7 @@ def test_systems_pair_on_normalised_prompts_and_say_how_many(tmp_path):
         evaluate.main([*argv[:3], f"c={write_jsonl(tmp_path / 'c.jsonl', c)}", *argv[3:]])
 
 
-def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch):
+def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys):
     def must_not_run(*args, **kwargs):
         raise AssertionError("slow work started before the settings were checked")
 
@@ -163,20 +163,22 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"--bootstrap 0: must be at least"):
-        evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--bootstrap", "0"])
-    with pytest.raises(SystemExit, match=r"--limit 0: must be at least 1"):
-        evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--limit", "0"])
-    with pytest.raises(SystemExit, match=r"--out .*: exists and is not a folder"):
+    with pytest.raises(SystemExit, match=r"--bootstrap 10: a 95% interval needs at least 100"):
+        evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--bootstrap", "10"])
+    for flag in ("--bootstrap", "--limit", "--max-new-tokens", "--batch-size"):
+        with pytest.raises(SystemExit) as usage:
+            evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), flag, "0"])
+        assert usage.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--out .*: is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data)])
-    with pytest.raises(SystemExit, match=r"--out .*: cannot create the folder"):
+    with pytest.raises(SystemExit, match=r"--out .*: .* is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data / "out")])
     with pytest.raises(SystemExit, match=r"--exports .*: not a GGUF file"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--exports", str(fake)])
     if os.geteuid() != 0:  # root writes into read-only folders
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        with pytest.raises(SystemExit, match=r"--out .*: cannot write in the folder"):
+        with pytest.raises(SystemExit, match=r"--out .*: cannot write in"):
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(locked)])
 
 

@@ -31,20 +31,19 @@ import re
 import statistics
 import sys
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 from rich.console import Console
 from rich.progress import track
 
 from howto.augment import augment
 from howto.chat import encode_example
 from howto.collect import DOCUMENT_SUFFIXES, collect_inputs
+from howto.dedup import deduplicate
 from howto.llm import ChatClient, LLMError
 from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
 from howto.prepare_report import MAX_LISTED, plot_distributions, print_summary, render_report
@@ -118,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=split_ratios, default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
                    help="fractions of the split, stratified by category (default: %(default)s)")
     p.add_argument("--near-dup-threshold", type=float, default=0.6, metavar="X",
-                   help="MinHash Jaccard similarity of two records' word sets (prompt and steps, function words "
-                        "left out) from which they are near-duplicates, kept in one split (default: %(default)s)")
+                   help="Jaccard similarity of two prompts' character 5-grams (their content words, question "
+                        "framing left out) from which they are near-duplicates, grouped and kept in one split unless "
+                        "they name different things (default: %(default)s)")
     p.add_argument("--thin-threshold", type=int, default=20, metavar="N",
                    help="a category with fewer records is flagged as thin, and augmented with --augment "
                         "(default: %(default)s)")
@@ -353,90 +353,6 @@ def normalize_items(items: list[Item], lowercase: bool, strip_punctuation: bool)
     return kept, {"lowercase": lowercase, "strip_punctuation": strip_punctuation, "dropped_count": len(dropped),
                   "dropped": dropped[:MAX_LISTED], "steps_removed_count": len(removed),
                   "steps_removed": removed[:MAX_LISTED]}
-
-
-# ----------------------------------------------------------------------------------------------- duplicates
-# Function words say nothing about what a record is about; without them, unrelated how-tos share few words, so
-# LSH proposes few false candidates and the search stays near linear.
-STOPWORDS = frozenset(
-    "a an the and or but to of in on at for from with by as into onto about up down out over under then than so if "
-    "is are was be been it its this that these those there here i me my you your we our they their he she his her "
-    "do does did how what when where which who why can could would should will shall may might must please".split()
-)
-
-
-def shingles(record: dict[str, Any]) -> list[bytes]:
-    """Words of prompt and steps, lowercased whatever the normalisation flags say, function words left out."""
-    words = set(" ".join([record["prompt"], *record["response"]]).lower().split())
-    return [w.encode() for w in (words - STOPWORDS or words)]
-
-
-def deduplicate(items: list[Item], threshold: float, num_perm: int = 128) -> tuple[list[Item], dict[str, Any]]:
-    """Drop exact duplicates (the first one stays) and group near-duplicates, setting each Item's `group`.
-
-    Near-duplicates are records whose word sets have a MinHash Jaccard estimate >= threshold, found through
-    locality-sensitive hashing so the search stays near linear; records with the same prompt and different steps
-    are grouped too. They are kept, since a paraphrase is useful training data, but always land in one split.
-    """
-    kept: list[Item] = []
-    first: dict[tuple, Item] = {}
-    removed = []
-    for item in items:
-        key = (item.record["prompt"], tuple(item.record["response"]))
-        if key in first:
-            removed.append({"removed": item.origin, "kept": first[key].origin, "prompt": item.record["prompt"]})
-        else:
-            first[key] = item
-            kept.append(item)
-
-    parent = list(range(len(kept)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        a, b = root(i), root(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-
-    by_prompt: dict[str, int] = {}
-    for i, item in enumerate(kept):
-        union(i, by_prompt.setdefault(item.record["prompt"], i))
-
-    # Recall first: every LSH candidate is checked against the threshold, so a false candidate costs one
-    # comparison, while a missed pair would let a paraphrase of a training record into the test split.
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.2, 0.8))
-    hashes = MinHash.generator((shingles(item.record) for item in kept), num_perm=num_perm, hashfunc=zlib.crc32)
-    signatures = None
-    for i, minhash in enumerate(progress(hashes, "near-duplicates", total=len(kept))):
-        if signatures is None:
-            signatures = np.empty((len(kept), num_perm), dtype=minhash.hashvalues.dtype)
-        signatures[i] = minhash.hashvalues
-        candidates = np.fromiter(lsh.query(minhash), dtype=np.int64)
-        if candidates.size:
-            similarity = (signatures[candidates] == minhash.hashvalues).mean(axis=1)
-            for j in candidates[similarity >= threshold]:
-                union(i, int(j))
-        lsh.insert(i, minhash)
-
-    members: dict[int, list[int]] = {}
-    for i, item in enumerate(kept):
-        item.group = root(i)
-        members.setdefault(item.group, []).append(i)
-    groups = [m for m in members.values() if len(m) > 1]
-    report = {
-        "exact_duplicates_removed": len(removed),
-        "exact_duplicates": removed[:MAX_LISTED],
-        "near_duplicate_threshold": threshold,
-        "near_duplicate_groups": len(groups),
-        "records_in_near_duplicate_groups": sum(len(g) for g in groups),
-        "groups": [[{"origin": kept[i].origin, "prompt": kept[i].record["prompt"]} for i in g]
-                   for g in groups[:MAX_LISTED]],
-    }
-    return kept, report
 
 
 # ------------------------------------------------------------------------------------------ balance/diversity

@@ -40,22 +40,21 @@ AGENT_ROLES = {"agent", "assistant", "support", "operator", "staff", "bot"}
 # Words that start an instruction. A numbered list is a procedure only when most of its items instruct, so that
 # "Members can be: 1. Direct members 2. ..." or "When you push: 1. GitLab extracts ..." are not taken for steps.
 VERBS = frozenset("""
-access accept activate add adjust allow answer apply approve archive assign attach authenticate be block book
-browse build call cancel change check cherry-pick choose clear click close collapse commit complete configure
-confirm connect contact continue copy create customize deactivate define delete deny deploy describe disable
-disconnect do don download drag drop duplicate edit email enable enroll ensure enter erase expand export fill
-filter find finish follow generate get give go grant hide hit hold hover import input insert install invite keep launch
-leave let limit link locate log look make mark merge move name navigate note open order pair paste pause pay pick pin
-place plug point press print promote provide pull push put read reboot record resolve refresh regenerate register reload
-remove rename reopen repeat replace reply report request reset restart restore resume return review revoke rotate
-run save scan schedule scroll search see select send set share show sign slide sort specify star start stop submit
-swipe switch sync tap test tick toggle try turn type unassign unblock uncheck uninstall unlink unpin update upload
-use verify view visit wait write backup bookmark buy charge claim cite connect convert crop deposit dial dismiss
-download drag embed empty end exclude extend fix flag format forward freeze group hang include invite join kick lock
-log manage mention migrate mute opt pin play post preview publish purchase recover redeem refund reinstall remind
-renew reorder reply reschedule respond retry rewind sell setup shut skip snooze split stream subscribe swap tag top
-track transfer translate trim unfollow unfreeze unlock unmute unsubscribe unzip upgrade downgrade verify vote
-withdraw zoom
+accept access activate add adjust allow answer apply approve archive assign attach authenticate backup be block book
+bookmark browse build buy call cancel change charge check cherry-pick choose cite claim clear click close collapse
+commit complete configure confirm connect contact continue convert copy create crop customize deactivate define
+delete deny deploy deposit describe dial disable disconnect dismiss do don downgrade download drag drop duplicate
+edit email embed empty enable end enroll ensure enter erase exclude expand export extend fill filter find finish fix
+flag follow format forward freeze generate get give go grant group hang hide hit hold hover import include input
+insert install invite join keep kick launch leave let limit link locate lock log look make manage mark mention merge
+migrate move mute name navigate note open opt order pair paste pause pay pick pin place play plug point post press
+preview print promote provide publish pull purchase push put read reboot record recover redeem refresh refund
+regenerate register reinstall reload remind remove rename renew reopen reorder repeat replace reply report request
+reschedule reset resolve respond restart restore resume retry return review revoke rewind rotate run save scan
+schedule scroll search see select sell send set setup share show shut sign skip slide snooze sort specify split star
+start stop stream submit subscribe swap swipe switch sync tag tap test tick toggle top track transfer translate trim
+try turn type unassign unblock uncheck unfollow unfreeze uninstall unlink unlock unmute unpin unsubscribe unzip
+update upgrade upload use verify view visit vote wait withdraw write zoom
 """.split())
 _LEADING_CLAUSE = re.compile(r"^(?:optional(?:ly)?[.:]?\s+|then\s+|(?:on|in|from|under|at|next to|beside|below|above|"
                              r"within|inside|if|when|once|after|before|for|to|with|using|via|now|finally|first|"
@@ -379,8 +378,9 @@ def _walk(element: Tag, blocks: list[Block]) -> None:
                                               if a.get("id") or a.get("name")), None) or slug(text)
             blocks.append(Block("heading", text, level=int(name[1]), anchor=str(anchor)))
         elif name == "ol":
-            blocks.append(Block("list", items=[step_text(li) for li in child.find_all("li", recursive=False)],
-                                ordered=True))
+            items = child.find_all("li", recursive=False)
+            links = all(li.a and clean(li.get_text()) == clean(li.a.get_text()) for li in items)
+            blocks.append(Block("list", items=[step_text(li) for li in items], ordered=not links))  # links: a menu
         elif name == "ul":
             blocks.append(Block("list", items=[step_text(li) for li in child.find_all("li", recursive=False)]))
             for li in child.find_all("li", recursive=False):

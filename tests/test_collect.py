@@ -144,6 +144,18 @@ def test_html_main_content_only_with_labels_verbatim(tmp_path):
     assert any("describes rather than instructs" in s and "warehouse" in s for s in reasons)
 
 
+def test_a_page_without_main_keeps_its_content_and_drops_link_lists(tmp_path):
+    page = ("<html><body><div class='top'><ol><li><a href='/'>Home</a></li><li><a href='/help'>Help</a></li></ol>"
+            "</div><div id='content'><h2>Pair headphones</h2><ol><li>Turn on <b>Bluetooth</b>.</li>"
+            "<li>Hold the pairing button.</li><li>Tap <a href='#'>Headphones</a> in the list.</li></ol></div>"
+            "<div><h4>Links</h4><ol><li><a href='/a'>Warranty</a></li><li><a href='/b'>Manuals</a></li></ol></div>"
+            "</body></html>")
+    records, report = collect_file(write(tmp_path / "page.html", page))
+    assert by_prompt(records) == {"How do I pair headphones?": ["Turn on Bluetooth.", "Hold the pairing button.",
+                                                                "Tap Headphones in the list."]}
+    assert "page.html: #links: no steps (bulleted list)" in " ".join(report.skipped)
+
+
 def test_markdown_front_matter_shortcodes_and_nested_steps(tmp_path):
     records, report = collect_file(write(tmp_path / "manual.md", MANUAL))
     got = by_prompt(records)

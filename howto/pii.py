@@ -1,8 +1,12 @@
 """Replace sensitive information in training text by typed placeholders such as [EMAIL] or [CARD].
 
 Structured kinds are found by patterns and confirmed by their checksums where they have one (Luhn for cards,
-mod-97 for IBANs), so that order numbers and other digit runs stay as they are. Person names need a language
-model: they are replaced only where Presidio and a spaCy English model are installed; they are never downloaded.
+mod-97 for IBANs), so that order numbers and other digit runs stay as they are. A local mobile number written as one
+bare run of digits ("081234567890") is confirmed by libphonenumber's numbering plans (the `phonenumbers` package)
+for MOBILE_REGIONS, and kept when a reference word such as "order" or "invoice" comes just before it. Links are
+replaced whole when they carry credentials, a token, a one-time code or an email address (plain or URL-encoded,
+"?email=name%40example.com"). Person names need a language model: they are replaced only where Presidio and a spaCy
+English model are installed; they are never downloaded.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import ipaddress
 import re
 from collections import Counter
 from typing import Callable
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
+
+import phonenumbers
 
 PLACEHOLDERS = ("[EMAIL]", "[PHONE]", "[CARD]", "[IBAN]", "[IP]", "[URL]", "[ADDRESS]", "[NAME]")
 PLACEHOLDER_RE = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
@@ -20,26 +26,40 @@ PLACEHOLDER_RE = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
 # Text without a digit, '@' or ':' cannot hold any structured kind: skipping it keeps redaction fast.
 _MAYBE_PII = re.compile(r"[\d@:]|www\.")
 
+# --- emails ---------------------------------------------------------------------------------------------------
+_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+
 # --- URLs carrying credentials or secrets -------------------------------------------------------------------
 _URL = re.compile(r"\b(?:[a-z][a-z0-9+.-]*://|www\.)[^\s<>\"']+", re.IGNORECASE)
-_SECRET_PART = re.compile(r"token|secret|passw|apikey|api_key|signature|session|credential|jwt", re.IGNORECASE)
-_SECRET_WORDS = {"key", "sig", "auth", "pwd", "pass", "sid", "pw"}
+_SECRET_PART = re.compile(r"token|secret|passw|apikey|api_key|signature|session|credential|jwt|otp|nonce|verif",
+                          re.IGNORECASE)
+_SECRET_WORDS = {"key", "sig", "auth", "pwd", "pass", "sid", "pw", "email", "mail", "phone", "mobile", "msisdn", "tel"}
+# Codes and PINs are secrets when their value looks like one (a digit, or eight characters); a language, country
+# or promotion code is not.
+_CODE_WORDS = {"code", "pin", "passcode", "ticket", "hash", "magic"}
+_NOT_SECRET_CODE = re.compile(r"lang|locale|country|region|currency|promo|coupon|voucher|discount|zip|postal|"
+                              r"color|colour|size|product|sku|item|status|error|response_type", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"[\w~.+/=-]*\d[\w~.+/=-]*|[\w~.+/=-]{8,}")
 
 
-def _secret_url(candidate: str) -> str | None:
+def _secret_url(candidate: str, before: str = "") -> str | None:
     url = candidate.rstrip(".,;:!?)]}")
     authority = re.split(r"[/?#]", url.split("://", 1)[-1], maxsplit=1)[0]
     if "@" in authority:  # user:pass@host or user@host
         return url
+    rest = url[len(url.split("://", 1)[0]) + 3:] if "://" in url else url
+    if _EMAIL.search(unquote_plus(rest[len(authority):])):  # an email address in the path or query, even encoded
+        return url
     query = "&".join(re.split(r"[?#]", url)[1:])
-    for name, _ in parse_qsl(query, keep_blank_values=True):
-        if _SECRET_PART.search(name) or _SECRET_WORDS & set(re.split(r"[^a-z0-9]+", name.lower())):
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        words = set(re.split(r"[^a-z0-9]+", name.lower()))
+        if _SECRET_PART.search(name) or _SECRET_WORDS & words and value:
+            return url
+        if _CODE_WORDS & words and not _NOT_SECRET_CODE.search(name) and _SECRET_VALUE.fullmatch(value):
             return url
     return None
 
 
-# --- emails ---------------------------------------------------------------------------------------------------
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 
 # --- IBANs: country code, check digits, then the national account number, spaces every 4 characters allowed -
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
@@ -63,11 +83,18 @@ def iban_valid(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in iban[4:] + iban[:4])) % 97 == 1
 
 
-def _iban(candidate: str) -> str | None:
+def _iban(candidate: str, before: str = "") -> str | None:
     # The pattern may run on into a following capitalised word or number group: try the longest valid prefix.
     ends = [m.start() for m in re.finditer(" ", candidate)] + [len(candidate)]
     return next((candidate[:end] for end in reversed(ends) if iban_valid(candidate[:end])), None)
 
+
+# A reference number names itself just before the digits: "order 0812345678901", "invoice no. 4829103746".
+_REFERENCE = re.compile(
+    r"\b(?:order|invoice|inv|tracking|track|shipment|parcel|package|awb|reference|ref|booking|ticket|transaction|"
+    r"txn|receipt|confirmation|account|acct|customer|member|membership|policy|case|claim|serial|imei|sku|isbn|"
+    r"purchase|contract|reservation|pnr|voucher|id)\b[\s#:.-]*(?:(?:number|no|nr|num|id|code|is|was|with|the|"
+    r"labell?ed|of|has)\b[\s#:.-]*){0,4}$", re.IGNORECASE)
 
 # --- payment cards: 13 to 19 digits, spaces or dashes between groups, Luhn-checked; no card number starts with 0 ----
 # A card number is not preceded by another digit group or the start of an IBAN ("DE89 3704 ..." that failed its
@@ -88,7 +115,9 @@ def _is_card(text: str) -> bool:
     return 13 <= len(digits) <= 19 and (len(groups) == 1 or min(map(len, groups)) >= 3) and luhn_valid(digits)
 
 
-def _card(candidate: str) -> str | None:
+def _card(candidate: str, before: str = "") -> str | None:
+    if candidate.isdigit() and _REFERENCE.search(before):  # "purchase 113542617735902" passes Luhn by chance
+        return None
     # A card followed by another number ("4111 1111 1111 1111 2 times"): the last group is not part of the card
     # when it is written with another separator or is shorter than any card group.
     match = re.fullmatch(r"(.*\d)([ -])(\d+)", candidate)
@@ -105,7 +134,7 @@ _IPV6 = re.compile(r"(?<![\w:.])(?=[0-9A-Fa-f]*:[0-9A-Fa-f]*:)[0-9A-Fa-f:]{2,39}
                    r"(?![\w:]|\.\d)")
 
 
-def _ipv6(candidate: str) -> str | None:
+def _ipv6(candidate: str, before: str = "") -> str | None:
     if not any(c.isdigit() for c in candidate):  # "a::b" in code is valid IPv6 but is not an address
         return None
     try:
@@ -120,19 +149,49 @@ _PHONE = re.compile(
     r"""(?<![\w+#./-])(?<!\d\ )(?<!\d-)(?:
         \+\d{1,3}(?:[ .-]?\(\d{1,4}\)|[ .-]?\d{1,5})(?:[ .-]?\d{2,5}){0,5}    # +44 20 7946 0958, +1 (555) 013-2447
       | (?:1[ .-])?(?:\(\d{3}\)\ ?|\d{3}[ .-])\d{3}[ .-]\d{4}                # (555) 013-2447, 555-013-2447
-      | (?:0\d{1,4}|\(0\d{1,4}\))(?:[ -]?\d{2,5}){1,4}                       # 0812 3456 7890, 07700 900123
+      | (?:0\d{1,4}|\(0\d{1,4}\))(?:[ -]?\d{2,5}){1,4}                       # 0812 3456 7890, 081234567890
+      | [6-9]\d{4}[ -]\d{5}                                                # 98765 43210 (India)
+      | [1-9]\d{9,12}                                                      # 9876543210, 2025550147
     )(?![\w]|[.,:/-]\d)""",
     re.VERBOSE,
 )
+# Where a bare run of digits may be a local mobile number: Indonesia (the specification's home format, 08...) and
+# its neighbours, the largest English-speaking markets and the largest EU ones. Bare runs of 10 to 13 digits only:
+# shorter ones are too often codes and amounts.
+# (Italy is left out: any ten digits starting with 3 are an Italian mobile number there, too many order numbers.)
+MOBILE_REGIONS = ("ID", "MY", "PH", "TH", "VN", "IN", "US", "GB", "AU", "DE", "FR", "NL")
+_MOBILE_TYPES = {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
+_TRUNK_OPTIONAL = {"IN"}  # Indians write mobile numbers as ten bare digits, without the trunk 0
 
 
-def _phone(candidate: str) -> str | None:
-    digits = sum(c.isdigit() for c in candidate)
+def local_mobile(digits: str) -> bool:
+    """A valid mobile number of one of MOBILE_REGIONS, written as that region writes it at home: with the trunk
+    prefix where it has one ("081234567890", not "81234567890"), bare ten digits in India."""
+    for region in MOBILE_REGIONS:
+        try:
+            number = phonenumbers.parse(digits, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if not phonenumbers.is_valid_number(number) or phonenumbers.number_type(number) not in _MOBILE_TYPES:
+            continue
+        written = re.sub(r"\D", "", phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL))
+        if digits == written or region in _TRUNK_OPTIONAL and digits == phonenumbers.national_significant_number(
+                number):
+            return True
+    return False
+
+
+def _phone(candidate: str, before: str = "") -> str | None:
+    digits = re.sub(r"\D", "", candidate)
+    if candidate.isdigit():  # one bare run: a mobile number by the numbering plans, unless it names itself a reference
+        return candidate if 10 <= len(digits) <= 13 and local_mobile(digits) and not _REFERENCE.search(before) \
+            else None
     if candidate.startswith(("+", "00")):  # international, with + or the 00 exit code
-        return candidate if 8 <= digits - candidate.startswith("00") * 2 <= 15 else None
-    if candidate.lstrip("(").startswith("0"):
-        # A trunk-prefixed national number must be written in groups: one run of digits may be a reference number.
-        return candidate if 9 <= digits <= 12 and re.search(r"[ ()-]", candidate) else None
+        return candidate if 8 <= len(digits) - candidate.startswith("00") * 2 <= 15 else None
+    if candidate.lstrip("(").startswith("0"):  # a trunk-prefixed national number written in groups
+        return candidate if 9 <= len(digits) <= 13 else None
+    if re.fullmatch(r"\d{5}[ -]\d{5}", candidate):
+        return candidate if local_mobile(digits) else None
     return candidate
 
 
@@ -152,28 +211,29 @@ _NOT_STREET = re.compile(r"\b(?:Google|One|Hard|Flash|USB|Test|Network|Cloud|Ama
                          r"\s+(?:Drive|Way|Place|Lane|Row)\b")
 
 
-def _address(candidate: str) -> str | None:
+def _address(candidate: str, before: str = "") -> str | None:
     return None if _NOT_STREET.search(candidate) else candidate
 
 
 # Order matters: secret URLs hold emails and IPs, IBANs hold card-length digit runs, cards hold phone-like groups,
 # IPv6 may end in an IPv4 address.
-_RULES: list[tuple[str, re.Pattern[str], Callable[[str], str | None]]] = [
+# Each rule's check takes the candidate and the text just before it.
+_RULES: list[tuple[str, re.Pattern[str], Callable[[str, str], str | None]]] = [
     ("URL", _URL, _secret_url),
-    ("EMAIL", _EMAIL, lambda s: s),
+    ("EMAIL", _EMAIL, lambda s, before: s),
     ("IBAN", _IBAN, _iban),
     ("CARD", _CARD, _card),
     ("IP", _IPV6, _ipv6),
-    ("IP", _IPV4, lambda s: s),
+    ("IP", _IPV4, lambda s, before: s),
     ("PHONE", _PHONE, _phone),
     ("ADDRESS", _ADDRESS, _address),
 ]
 
 
-def _apply(text: str, kind: str, pattern: re.Pattern[str], extract: Callable[[str], str | None],
+def _apply(text: str, kind: str, pattern: re.Pattern[str], extract: Callable[[str, str], str | None],
            counts: Counter) -> str:
     def replace(match: re.Match[str]) -> str:
-        found = extract(match.group())
+        found = extract(match.group(), text[max(0, match.start() - 40):match.start()])
         if found is None:
             return match.group()
         counts[kind] += 1

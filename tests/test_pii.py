@@ -5,6 +5,7 @@ so that the test does not trust the module it checks. `python tests/test_pii.py`
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
@@ -16,7 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from howto.pii import PLACEHOLDER_RE, PLACEHOLDERS, name_detection_available, redact, redact_record  # noqa: E402
+from howto.pii import (PLACEHOLDER_RE, PLACEHOLDERS, luhn_valid, name_detection_available, redact,  # noqa: E402
+                       redact_record)
 
 STRUCTURED = ("EMAIL", "CARD", "IBAN", "IP", "URL", "PHONE")
 
@@ -92,7 +94,38 @@ def make_phone(rng: random.Random) -> str:
         f"+91 98{d(3)} {d(5)}", f"00 44 20 7946 0{d(3)}", f"+81 3-{d(4)}-{d(4)}", f"03-{d(4)}-{d(4)}",
         f"+61 2 {d(4)} {d(4)}",
         f"(02) {d(4)} {d(4)}", f"0412 {d(3)} {d(3)}", f"+31 6 {d(8)}",
+    ] + [make_local_mobile(rng)] * 12)  # as likely as the 35 formats above together
+
+
+# Local mobile numbers as people write them at home, without the country code, in prefixes that libphonenumber's
+# numbering plans list as mobile: Indonesia first (the specification's home), then other countries.
+ID_MOBILE_PREFIXES = ("0811", "0812", "0813", "0821", "0822", "0852", "0853", "0857", "0858", "0877", "0878",
+                      "0895", "0896", "0897", "0898", "0899", "0881", "0882", "0838", "0831", "0859")
+
+
+def make_local_mobile(rng: random.Random, bare: bool | None = None) -> str:
+    d = lambda n: _digits(rng, n)  # noqa: E731
+    number = rng.choice([
+        rng.choice(ID_MOBILE_PREFIXES) + d(rng.choice([6, 7, 8, 9])),  # Indonesia: 10 to 13 digits
+        "07" + rng.choice("45789") + d(8),  # United Kingdom
+        rng.choice(["98", "97", "99", "94", "70", "81"]) + d(8),  # India: ten digits, no trunk 0
+        "01" + rng.choice(["51", "52", "57", "60", "62", "70", "71", "72", "73", "75", "76", "77", "78", "79"]) + d(8),
+        "06" + rng.choice("12345678") + d(7),  # France
+        "04" + rng.choice(["00", "12", "23", "38"]) + d(6),  # Australia
+        "01" + rng.choice("29") + d(7),  # Malaysia
+        "09" + rng.choice(["17", "18", "19", "27", "45", "55", "66", "77", "95", "98"]) + d(7),  # Philippines
+        "08" + d(8),  # Thailand
+        "06" + rng.choice("12345") + d(7),  # Netherlands
+        rng.choice(["202", "415", "312", "617", "646"]) + rng.choice("23456789") + d(6),  # United States
     ])
+    if bare if bare is not None else rng.random() < 0.6:
+        return number
+    if number.startswith("0"):  # grouped after the trunk prefix and operator code, 4-4-rest or 4-3-rest
+        return rng.choice([" ", "-"]).join([number[:4], number[4:8], number[8:]] if len(number) > 10
+                                           else [number[:4], number[4:7], number[7:]])
+    if len(number) == 10 and number[0] in "6789" and rng.random() < 0.5:
+        return f"{number[:5]} {number[5:]}"  # India: 98765 43210
+    return rng.choice([f"({number[:3]}) {number[3:6]}-{number[6:]}", f"{number[:3]}-{number[3:6]}-{number[6:]}"])
 
 
 def make_email(rng: random.Random) -> str:
@@ -124,6 +157,12 @@ def make_secret_url(rng: random.Random) -> str:
         f"https://{host}/cb#access_token={token}", f"http://{host}/login?sessionid={token}",
         f"https://{host}/share?password={token}", f"https://{host}/dl?sig={token}", f"www.example.com/a?key={token}",
         f"https://{host}/hook?auth={token}",
+        f"https://{host}/verify?code={_digits(rng, 6)}&email={make_email(rng).replace('@', '%40')}",
+        f"https://{host}/login?otp={_digits(rng, 6)}", f"https://{host}/activate?pin={_digits(rng, 4)}",
+        f"https://{host}/auth/callback?code={token}&state=xyz", f"https://{host}/magic?login_code={token}",
+        f"https://{host}/unsubscribe?mail={make_email(rng).replace('@', '%40').replace('+', '%2B')}",
+        f"https://{host}/reset/{make_email(rng).replace('@', '%40')}", f"https://{host}/invite?nonce={token}",
+        f"https://{host}/share?e={make_email(rng)}", f"https://{host}/call?phone=0812{_digits(rng, 8)}",
     ])
 
 
@@ -195,6 +234,19 @@ CLEAN_TEMPLATES = [
     "The shop is at 51.5074, -0.1278 on the map.", "The desk is 120 x {n} x 75 cm.", "Open from 9:00 to 17:00.",
     "The match ended {a}-{b}.", "Call 112 or 999 in an emergency.", "The log shows {year}-{mo}-{day}T{hh}:{mm}:{ss}Z.",
     "Walk 1,234,567 steps.", "Press Ctrl+Alt+Del, then +{a}.", "Check kernel 5.15.0-91-generic in 'About'.",
+    # 10 to 16 digits that name themselves reference numbers, some shaped like mobile numbers
+    "Your order number is {long}.", "Enter order {mobile_like} in the 'Orders' search box.",
+    "Invoice no. {mobile_like} is attached to the email.", "Type the tracking number {long} and tap 'Track'.",
+    "Find the order with the number {long}.", "Cancel purchase {long} from 'My purchases'.",
+    "Quote reference {mobile_like} when you call.", "Your booking ID is {mobile_like}.",
+    "Look for the transaction {long} in the statement.", "Enter your customer number {long}.",
+    "The IMEI is {long}.", "Scan the parcel with AWB {long}.",
+    # digits that no mobile numbering plan allows, and links whose codes are no secrets
+    "Enter {unix} as the start time.", "Set the serial to 0{room}00{room}.",
+    "Open https://help.example.com/search?q=reset+password&lang=en&country_code=ID for more.",
+    "Use https://shop.example.com/cart?promo_code=SAVE{n}&page=2 at checkout.",
+    "Watch https://video.example.com/watch?v=dQw4w9WgXcQ&t={n}s for a demo.",
+    "Open https://news.example.com/?utm_source=newsletter&utm_campaign=spring_{year} to read more.",
 ]
 
 
@@ -212,6 +264,8 @@ def clean_sentences(seed: int = 1, count: int = 400) -> list[str]:
             steps=f"{rng.randint(1, 20)},{rng.randint(0, 999):03d}", ch=rng.choice([36, 40, 149, 161]),
             hz=rng.choice([60, 120, 144]), room=rng.randint(100, 999),
             fw=".".join(str(rng.randint(0, 20)) for _ in range(4)),
+            long=_digits(rng, rng.randint(10, 16)), mobile_like=make_local_mobile(rng, bare=True),
+            unix=str(rng.randint(1_600_000_000, 1_999_999_999)),
         )
         sentences.append(CLEAN_TEMPLATES[i % len(CLEAN_TEMPLATES)].format(**values))
     return sentences
@@ -305,6 +359,90 @@ def test_redact_record_covers_prompt_and_steps_and_copies():
                    "category": "email", "source": "handwritten"}
     assert counts == Counter({"EMAIL": 2, "PHONE": 1})
     assert record["prompt"] == "How do I add jane@example.com?"
+
+
+def test_local_mobile_numbers_bare_and_grouped():
+    rng = random.Random(3)
+    for bare in (True, False):
+        for _ in range(300):
+            number = make_local_mobile(rng, bare)
+            for template in ("My number is {x}.", "Text {x} when you arrive", "{x}", "Saya di {x} ya"):
+                assert redact(template.format(x=number))[0] == template.format(x="[PHONE]"), number
+
+
+@pytest.mark.parametrize("number", ["081234567890", "0812345678901", "08521234567", "07911123456", "9876543210",
+                                    "015112345678", "0612345678", "0412345678", "09171234567", "4155552671"])
+def test_the_words_before_decide_between_a_phone_and_a_reference(number):
+    for text in (f"Call me on {number}.", f"My WhatsApp: {number}", f"Ring {number} after 5 pm."):
+        assert redact(text) == (text.replace(number, "[PHONE]"), Counter({"PHONE": 1}))
+    for text in (f"Enter order {number} in the search box.", f"Invoice no. {number} is attached.",
+                 f"Your booking ID is {number}.", f"Find the order with the number {number}.",
+                 f"Tracking number: {number}", f"Quote reference #{number} when you call."):
+        assert redact(text) == (text, Counter())
+
+
+def test_digit_runs_that_no_mobile_plan_allows_stay():
+    # without the trunk 0 an Indonesian, British or French number is not written at home; 15 digits are too many;
+    # a ten-digit run starting with 1 is no US, Indian or other listed number
+    for text in ("Enter 81234567890 as the code.", "Use 7911123456 once.", "Type 612345678 here.",
+                 "Set the start to 1733011200.", "Pick 3707955617."):
+        assert redact(text) == (text, Counter()), text
+
+
+def test_a_reference_number_that_passes_luhn_is_no_card():
+    assert luhn_valid("113542617735902")
+    for text in ("Cancel purchase 113542617735902 today.", "Find the order with the number 113542617735902."):
+        assert redact(text) == (text, Counter())
+    assert redact("Pay with 4111111111111111 today.")[0] == "Pay with [CARD] today."
+
+
+@pytest.mark.parametrize("url", [
+    "https://app.example.com/verify?code=482913&email=budi.santoso%40example.com",
+    "https://example.com/login?otp=123456", "https://id.example.com/activate?pin=7391",
+    "https://accounts.example.com/o/callback?code=4%2F0AbCdEf9XyZ&state=xyz", "https://example.com/m?login_code=AB12CD34",
+    "https://example.com/unsubscribe?mail=john%2Bnews%40example.co.uk", "https://example.com/reset/ana%40example.org",
+    "https://example.com/invite?nonce=Zk93jDk2", "www.example.com/confirm?verification=9f86d081884c7d65",
+    "https://example.com/share?e=maria.lopez@example.com", "https://example.com/call?phone=081234567890",
+])
+def test_links_carrying_codes_tokens_or_emails_are_replaced_whole(url):
+    assert redact(f"Open {url} on your phone.") == ("Open [URL] on your phone.", Counter({"URL": 1}))
+
+
+@pytest.mark.parametrize("url", [
+    "https://help.example.com/search?q=reset+password&lang=en&country_code=ID",
+    "https://shop.example.com/cart?promo_code=SAVE10&page=2", "https://video.example.com/watch?v=dQw4w9WgXcQ&t=42s",
+    "https://news.example.com/?utm_source=newsletter&utm_campaign=spring_2024", "https://example.com/help?code=en",
+    "https://support.example.com/articles/360012345?lang=en",
+])
+def test_links_without_secrets_stay(url):
+    assert redact(f"Open {url} on your phone.") == (f"Open {url} on your phone.", Counter())
+
+
+def test_prepare_data_command_line_leaves_no_local_mobile_or_secret_link(tmp_path):
+    import prepare_data
+
+    rng = random.Random(5)
+    planted = [make_local_mobile(rng) for _ in range(12)] + [
+        "https://app.example.com/verify?code=482913&email=budi.santoso%40example.com",
+        "https://example.com/login?otp=654321"]
+    words = iter(["".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(4))
+                  for _ in range(3 * len(planted))])
+    records = [{"prompt": f"How do I {next(words)} {value} in {next(words)}?" if i % 2 else
+                f"How do I {next(words)} the {next(words)} list?",
+                "response": [f"Open {next(words)}.", f"Type {value} in the field.", "Tap 'Save'."],
+                "category": "account"} for i, value in enumerate(planted)]
+    records.append({"prompt": "How do I cancel order 0812345678901?", "response": ["Open 'Orders'.",
+                    "Find order 0812345678901.", "Tap 'Cancel'."], "category": "account"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert prepare_data.main([str(data), "--out", str(tmp_path / "out")]) == 0
+    written = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out").glob("*.jsonl"))
+    assert not [value for value in planted if value in written]
+    assert "0812345678901" in written  # the order number survives
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    in_prompts = planted[1::2]  # odd records name the value in the prompt too
+    assert stats["pii"]["replaced"] == {"PHONE": 12 + sum(v[0] != "h" for v in in_prompts),
+                                        "URL": 2 + sum(v[0] == "h" for v in in_prompts)}
 
 
 @pytest.mark.skipif(name_detection_available(), reason="Presidio is installed: names are detected")

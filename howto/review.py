@@ -16,12 +16,13 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from howto.chat import parse_steps
 from howto.runio import atomic_write_text, write_json, write_jsonl
 
 DECISIONS = ("accept", "reject")
+Reviewed = tuple[int, str, dict[str, Any], str, str, list[str]]  # line, where, original, decision, prompt, steps
 SHEET_COLUMNS = ("id", "decision", "prompt", "steps", "source", "extraction")
 LABEL_CONFIG = """<View>
   <Header value="Collected how-to record: check the question and the steps against the source"/>
@@ -88,11 +89,12 @@ def review_kind(path: Path) -> str | None:
 
 
 def read_review(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, int], list[str]]:
-    """(line or task index, raw record) of each kept record, the counts of accepted, edited, rejected and
-    unreviewed records, and a line per dropped record saying why."""
+    """(line, raw record) of each kept record (line 0 for a Label Studio task), the counts of accepted, edited,
+    rejected and unreviewed records, and a line per dropped record saying why."""
     counts = {"accepted": 0, "edited": 0, "rejected": 0, "not_reviewed": 0}
     kept, dropped = [], []
-    for where, original, decision, prompt, steps in (_label_studio(path) if kind == "labelstudio" else _sheet(path)):
+    for line, where, original, decision, prompt, steps in (_label_studio(path) if kind == "labelstudio" else
+                                                            _sheet(path)):
         if decision not in DECISIONS:
             key, reason = "not_reviewed", "not reviewed" if not decision else f"unknown decision {decision!r}"
         elif decision == "reject":
@@ -105,13 +107,14 @@ def read_review(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]]
             dropped.append(f"{path}: {where}: {reason} ({original['source'] or original['prompt'][:60]})")
             continue
         extraction = ", ".join(filter(None, [original["extraction"], f"{key} in review"]))
-        kept.append((where, {"prompt": prompt, "response": steps, "source": original["source"] or None,
-                             "extraction": extraction}))
-    return [(int(w.split()[-1]), r) for w, r in kept], counts, dropped
+        kept.append((line, {"prompt": prompt, "response": steps, "source": original["source"] or None,
+                            "extraction": extraction}))
+    return kept, counts, dropped
 
 
-def _label_studio(path: Path):
-    """(where, original, decision, prompt, steps) of each task of an export, from its latest submitted annotation."""
+def _label_studio(path: Path) -> Iterator[Reviewed]:
+    """(0, "task N", original, decision, prompt, steps) of each task of an export, from its latest submitted
+    annotation."""
     tasks = json.loads(path.read_text(encoding="utf-8-sig"))
     for k, task in enumerate(tasks, 1):
         data = task.get("data", {})
@@ -120,7 +123,7 @@ def _label_studio(path: Path):
         annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
         where = f"task {task.get('id', k)}"
         if not annotations:
-            yield where, original, "", original["prompt"], original["steps"]
+            yield 0, where, original, "", original["prompt"], original["steps"]
             continue
         latest = max(annotations, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0))
         values = {r.get("from_name"): r.get("value", {}) for r in latest.get("result", [])}
@@ -128,21 +131,21 @@ def _label_studio(path: Path):
         steps_text = "\n".join(values.get("steps", {}).get("text", []))
         steps = parse_steps(steps_text) if steps_text.strip() else original["steps"]
         decision = (values.get("decision", {}).get("choices") or [""])[0]
-        yield where, original, decision, prompt, steps
+        yield 0, where, original, decision, prompt, steps
 
 
-def _sheet(path: Path):
-    """(where, original, decision, prompt, steps) of each row of a review.jsonl or review.csv sheet; the sheet is
-    its own original, so an edit shows as the text that was changed nowhere else: all rows read as accepted."""
+def _sheet(path: Path) -> Iterator[Reviewed]:
+    """(line, "line N", original, decision, prompt, steps) of each row of a review.jsonl or review.csv sheet. A sheet
+    keeps no copy of what was extracted, so its kept rows count as accepted, edited or not."""
     if path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = [(f"line {reader.line_num}", row) for reader in [csv.DictReader(f)] for row in reader]
-        rows = [(w, {**row, "response": parse_steps(row.get("steps") or "")}) for w, row in rows]
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, {**row, "response": parse_steps(row.get("steps") or "")}) for row in reader]
     else:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
-        rows = [(f"line {n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
-    for where, row in rows:
+        rows = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    for line, row in rows:
         steps = row.get("response") if isinstance(row.get("response"), list) else []
         original = {"prompt": str(row.get("prompt") or ""), "steps": steps, "source": str(row.get("source") or ""),
                     "extraction": str(row.get("extraction") or "")}
-        yield where, original, str(row.get("decision") or "").strip().lower(), original["prompt"], steps
+        yield line, f"line {line}", original, str(row.get("decision") or "").strip().lower(), original["prompt"], steps

@@ -59,30 +59,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = check_args(args)
     data_file = test_file(args.data) if args.data else None
     examples = load_test_set(data_file, None) if data_file else []
-    systems: list[System] = []
-    exports: list[System] = []
-    probes: dict[str, list[dict[str, Any]]] = {}
     if args.predictions:
+        systems, exports, probes = [], [], {}
         tables, sources = read_all_predictions(args.predictions, examples, args.limit)
     else:
-        quiet_libraries()
-        systems = resolve_systems(args.base, args.finetuned)
-        exports = export_systems(args, systems[0].model) if args.parity else []
-        probe = forgetting.read_probe(args.forgetting_data) if args.forgetting else None
-        tables = {}
-        for system in systems + exports:
-            tables[system.name], probes[system.name] = generate_system(
-                system, examples[: args.limit], args, out_dir, None if system in exports else probe)
+        systems, exports, tables, probes = generate_all(args, examples[: args.limit], out_dir)
         sources = {}
-    bertscore, encoder = load_scorers(args)
-    for name, table in tables.items():
-        with console.status(f"scoring {name} ({len(table)} outputs)"):
-            score_table(table, bertscore, encoder, args.align_threshold)
-        write_jsonl(out_dir / name / "scores.jsonl", [score_row(r) for r in table.values()])
-
-    metrics = summarise_run(tables, [s.name for s in exports], systems + exports, args, data_file, sources)
-    metrics["settings"].update(bertscore=bertscore.settings,
-                               alignment={**encoder.settings, "threshold": args.align_threshold})
+    scorers = score_all(tables, args, out_dir)
+    metrics = summarise_run(tables, systems, exports, args, data_file, sources, scorers)
     metrics["parity"] = parity_section(tables, exports, args)
     metrics["forgetting"] = forgetting_section(probes, args) if args.forgetting and systems else None
     metrics["ratings"] = collect_ratings(args, tables, out_dir)
@@ -123,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "reference steps: a folder, hub id, or 'minilm'")
     sc.add_argument("--align-threshold", type=float, default=DEFAULT_ALIGN_THRESHOLD,
                     help="least cosine similarity for two steps to count as the same step")
-    sc.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the confidence intervals")
+    sc.add_argument("--bootstrap", type=positive_int, default=2000,
+                    help="bootstrap resamples for the confidence intervals")
     sc.add_argument("--show-examples", type=int, default=5, help="examples shown where two systems differ most")
     ex = p.add_argument_group("exports and forgetting")
     ex.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True,
@@ -326,6 +311,21 @@ def export_systems(args: argparse.Namespace, base: str) -> list[System]:
     return [as_system(name, path, base, "--exports") for name, path in found]
 
 
+def generate_all(args: argparse.Namespace, examples: list[dict[str, Any]], out_dir: Path) -> tuple[
+        list[System], list[System], dict[str, Table], dict[str, list[dict[str, Any]] | None]]:
+    """Base, fine-tuned and export systems, each one's answers, and the forgetting probe for base and fine-tuned
+    (not for a GGUF file, which gives no teacher-forced loss here)."""
+    quiet_libraries()
+    systems = resolve_systems(args.base, args.finetuned)
+    exports = export_systems(args, systems[0].model) if args.parity else []
+    probe = forgetting.read_probe(args.forgetting_data) if args.forgetting else None
+    tables, probes = {}, {}
+    for system in systems + exports:
+        tables[system.name], probes[system.name] = generate_system(
+            system, examples, args, out_dir, None if system in exports or system.gguf else probe)
+    return systems, exports, tables, probes
+
+
 def _weights_fingerprint(path: Path) -> list[Any]:
     """Sizes and modification times of weight files: cheap, and changes whenever the weights are rewritten."""
     files = [path] if path.is_file() else sorted(
@@ -438,7 +438,7 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
             f.flush()
             os.fsync(f.fileno())
             progress.advance(task, len(batch))
-    if probe_todo and generate.lm is not None:
+    if probe_todo:
         with console.status(f"forgetting probe ({system.name}, {len(probe or [])} questions)"):
             probe_rows = forgetting.probe_model(generate.lm, generate.tokenizer, probe or [], args.batch_size)
         write_jsonl(probe_path, [{**r, "settings_hash": probe_key} for r in probe_rows])
@@ -463,13 +463,18 @@ def _progress() -> Progress:
 # Scoring and comparison
 # ---------------------------------------------------------------------------------------------------------------------
 
-def load_scorers(args: argparse.Namespace) -> tuple[BertScore, StepEncoder]:
-    """BERTScore and the step encoder, loaded once for every system of the run."""
+def score_all(tables: dict[str, Table], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Every system's rows scored, with BERTScore and the step encoder loaded once; their settings."""
     try:
         bertscore = BertScore(args.bertscore_model, args.bertscore_layers, batch_size=args.bertscore_batch_size)
     except BertScoreUnavailable as e:
         raise RunError(str(e)) from None
-    return bertscore, StepEncoder(args.align_model)
+    encoder = StepEncoder(args.align_model)
+    for name, table in tables.items():
+        with console.status(f"scoring {name} ({len(table)} outputs)"):
+            score_table(table, bertscore, encoder, args.align_threshold)
+        write_jsonl(out_dir / name / "scores.jsonl", [score_row(r) for r in table.values()])
+    return {"bertscore": bertscore.settings, "alignment": {**encoder.settings, "threshold": args.align_threshold}}
 
 
 def score_table(table: Table, bertscore: BertScore, encoder: StepEncoder, threshold: float) -> None:
@@ -540,10 +545,11 @@ def differing_examples(baseline: Table, other: Table, common: list[str], k: int)
             sorted(pairs, key=lambda x: -x[0])[:k]]
 
 
-def summarise_run(tables: dict[str, Table], export_names: list[str], systems: list[System],
-                  args: argparse.Namespace, data_file: Path | None, sources: dict[str, Path]) -> dict[str, Any]:
-    """metrics.json without the parity, forgetting and ratings sections: every system against the baseline."""
-    names = list(tables)
+def summarise_run(tables: dict[str, Table], systems: list[System], exports: list[System], args: argparse.Namespace,
+                  data_file: Path | None, sources: dict[str, Path], scorers: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json without the parity, forgetting and ratings sections: every system but the exports against the
+    baseline."""
+    names, export_names = list(tables), [e.name for e in exports]
     baseline = names[0]
     comparisons, differing, n_paired = {}, {}, {}
     for name in names[1:]:
@@ -557,10 +563,11 @@ def summarise_run(tables: dict[str, Table], export_names: list[str], systems: li
         "n_examples": len(tables[baseline]),
         "baseline": baseline,
         "settings": {
+            **scorers,
             "bootstrap": {"n_resamples": args.bootstrap, "confidence": 0.95, "seed": args.seed},
             "generation": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                            "temperature": args.temperature, "seed": args.seed,
-                           "systems": [asdict(s) for s in systems]} if systems else None,
+                           "systems": [asdict(s) for s in systems + exports]} if systems else None,
             "data": str(data_file) if data_file else None,
             "predictions": {name: str(path) for name, path in sources.items()} or None,
         },
@@ -687,10 +694,12 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
 
 
 def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
-    worse = [name for name, p in ((metrics.get("parity") or {}).get("exports") or {}).items() if p["verdict"] == "worse"]
+    """An export worse than the adapter: said in red, and an error with --fail-on-regression."""
+    exports = (metrics.get("parity") or {}).get("exports") or {}
+    worse = [name for name, p in exports.items() if p["verdict"] == "worse"]
     if worse and args.fail_on_regression:
-        raise RunError(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the "
-                         f"tolerance {args.parity_tolerance} (see the parity section of {Path(args.out) / 'report.md'})")
+        raise RunError(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the tolerance "
+                       f"{args.parity_tolerance} (see the parity section of {Path(args.out) / 'report.md'})")
     for name in worse:
         console.print(f"[red]{name} is worse than the adapter it was exported from (see the parity section)[/]")
 

@@ -68,8 +68,8 @@ def parity_rows(parity: dict[str, Any]) -> list[list[str]]:
              p["verdict"]] for name, p in parity["exports"].items()]
 
 
-PARITY_HEADER = ["Export", "n paired", "identical answers", "Δ BERTScore F1 [95% CI]", "Δ step-order accuracy [95% CI]",
-                 "verdict"]
+PARITY_HEADER = ["Export", "n paired", "identical answers", "Δ BERTScore F1 [95% CI]",
+                 "Δ step-order accuracy [95% CI]", "verdict"]
 
 
 def forgetting_rows(forgetting: dict[str, Any]) -> list[list[str]]:

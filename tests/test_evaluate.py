@@ -150,7 +150,7 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys)
         raise AssertionError("slow work started before the settings were checked")
 
     monkeypatch.setattr(evaluate, "load_generator", must_not_run)
-    monkeypatch.setattr(evaluate, "load_scorers", must_not_run)
+    monkeypatch.setattr(evaluate, "score_all", must_not_run)
     data = write_jsonl(tmp_path / "test.jsonl", RECORDS[:2])
     argv = ["--data", str(data), "--base", "tiny"]
     fake = tmp_path / "model.gguf"

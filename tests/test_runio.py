@@ -140,6 +140,16 @@ def test_check_out_dir_refuses_a_file_before_any_work(tmp_path):
         check_out_dir(tmp_path / "f" / "x", flag="--data")
 
 
+def test_check_out_dir_names_a_folder_it_cannot_write_in(tmp_path, monkeypatch):
+    def read_only(**kwargs):  # what mkdtemp meets in a read-only folder (root writes anywhere, so it is simulated)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkdtemp", read_only)
+    with pytest.raises(RunError, match=f"--out {tmp_path / 'a' / 'b'}: cannot write in {tmp_path} "
+                                       r"\(Permission denied\)"):
+        check_out_dir(tmp_path / "a" / "b")
+
+
 def test_positive_int():
     assert positive_int("3") == 3
     for text in ("0", "-1", "x"):

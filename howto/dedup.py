@@ -1,22 +1,25 @@
 """Exact duplicates and near-duplicate groups of how-to records, on character shingles, without chaining.
 
-Two records are near-duplicates when the Jaccard similarity of their prompts' character 5-gram sets, or of their
-whole records' (prompt and steps), is at least the threshold, and their prompts ask about the same things: where
-the prompts' content words differ, the words on one side are spelling or inflection variants of those on the
-other ("coprrect" / "correct", "seeing" / "see"), or one side adds words the other lacks ("help me with ...").
-"Cancel my order in the shop go app" and "... in the ride hub app" swap one name for another: not duplicates,
-however alike. Function words, question framing ("how do i", "what are the steps to"), contractions ("im" is
-"i am") and numbers (order and invoice numbers are identifiers, not what a question is about) are no content words.
+Two records are near-duplicates (one group) when
+- their prompts ask the same question: the Jaccard similarity of the prompts' character 5-gram sets, or of their
+  content words', is at least the threshold, and where the content words differ, the words on one side are
+  spelling or inflection variants of those on the other ("coprrect" / "correct", "seeing" / "see") or one side only
+  adds words ("help me with ..."). "Cancel my order in the shop go app" and "... in the ride hub app" swap one name
+  for another: not duplicates, however alike. Content words leave out function words, question framing ("how do
+  i", "what are the steps to"), contractions spelt out ("im" is "i am") and numbers (order and invoice numbers are
+  identifiers, not what a question is about); prompts with the same content words, up to variants, are one
+  question whatever the Jaccard; or
+- they give the same answer, step for step: a paraphrased question keeps its answer, while a question about
+  another app or setting names it in the steps.
 Character shingles see the typos, contractions and inflections that word sets cannot.
 
-Groups form around centres (leader clustering): a record joins the first earlier centre it is a near-duplicate
-of, most similar candidates first, or founds a group, so a group never chains through intermediates into other
-questions. Candidates come from MinHash LSH bands over the centres' prompts, and every decision is made on the
-exact Jaccard, so the work grows near linearly with the records.
+Groups form around centres (leader clustering): a record joins the most similar earlier centre it is a
+near-duplicate of, or founds a group, so a group never chains through intermediates into other questions.
 
 Split units then join the groups that hold near-copies of each other (prompts at 5-gram Jaccard >= NEAR_COPY,
-whatever the words: a model trained on one has as good as seen the other), by scipy's connected components, so
-that no test prompt is a near-copy of a training prompt.
+whatever the words: a model trained on one has as good as seen the other) or the same answer, by scipy's connected
+components, so that no test prompt is a near-copy of a training prompt. Every step is near linear in the records:
+candidates come from word-deletion neighbourhoods, dictionaries and MinHash LSH, and are confirmed exactly.
 """
 from __future__ import annotations
 
@@ -184,7 +187,8 @@ def variants(a: str, b: str) -> bool:
     """One word written two ways: the same stem ("seeing" / "see"), or a slip in a word of five letters or more
     ("coprrect" / "correct", "acnceling" / "canceling"); "free" / "freemium" and "shop" / "shoe" are not."""
     sa, sb = _stem(a), _stem(b)
-    return sa == sb or (min(len(a), len(b)) >= 5 and difflib.SequenceMatcher(None, sa, sb).ratio() >= 0.85)
+    return sa == sb or (min(len(a), len(b)) >= 5 and max(difflib.SequenceMatcher(None, a, b).ratio(),
+                                                         difflib.SequenceMatcher(None, sa, sb).ratio()) >= 0.85)
 
 
 def _unmatched(words: Iterable[str], others: Sequence[str]) -> bool:
@@ -219,13 +223,16 @@ def question_key(prompt: str) -> tuple[str, ...]:
     return content_words(prompt) or tuple(_WORD.findall(prompt.lower()))
 
 
-def cluster(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], threshold: float) -> list[int]:
+def cluster(prompts: Sequence[str], prompt_shingles: Sequence[np.ndarray], answers: Sequence[tuple[str, ...]],
+            threshold: float) -> list[int]:
     """Each distinct prompt's centre: itself when it founds a group, else the most similar earlier centre that it
     is a near-duplicate of, by either test:
-    - the question: the 5-gram Jaccard of the two prompts' content words is >= threshold, and no name is swapped;
+    - the question: the 5-gram Jaccard of the two prompts, or of their content words alone, is >= threshold, and
+      no name is swapped;
     - the answer: the same steps word for word ("how do i get a refund for a cancelled flight" / "... get my money
       back ...": a paraphrase keeps the answer; a question about another app would name it in the steps).
-    Prompts with the same content words ask the same question: they share a group without a test.
+    Prompts with the same content words ask the same question, also when some are written differently ("am i
+    seeing" / "do i see", "acnceling" / "canceling"): they share a group whatever the Jaccard.
 
     Question candidates are the centres one content word away (replaced, added or dropped), found through
     word-deletion neighbourhoods as SymSpell finds spellings one edit away: near linear, and a key that differs in
@@ -249,7 +256,10 @@ def cluster(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], threshol
         for c in sorted({c for bucket in neighbourhood for c in buckets.get(bucket, ())}):
             if words_swapped(word_sets[i], word_sets[c]):
                 continue
-            score = jaccard(key_shingles[i], key_shingles[c])
+            if len(key) == len(keys[c]) and all(x == y or variants(x, y) for x, y in zip(key, keys[c])):
+                score = 1.0
+            else:
+                score = max(jaccard(key_shingles[i], key_shingles[c]), jaccard(prompt_shingles[i], prompt_shingles[c]))
             if score >= best_score and not names_differ(key, keys[c]):
                 best, best_score = c, score
         same_answer = first_with_answer.setdefault(answers[i], i)
@@ -262,7 +272,7 @@ def cluster(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], threshol
     return centre_of
 
 
-def split_units(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], group_of: np.ndarray,
+def split_units(shingles: Sequence[np.ndarray], answers: Sequence[tuple[str, ...]], group_of: np.ndarray,
                 threshold: float) -> np.ndarray:
     """A split unit per distinct prompt: its group, joined with each group that holds a near-copy of it or the same
     answer word for word.
@@ -273,7 +283,6 @@ def split_units(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], grou
     pair is one row-wise product of sparse shingle matrices.
     """
     copy_level = max(threshold, NEAR_COPY)
-    shingles = char_shingles(prompts)
     sigs = signatures(shingles)
     pairs = candidate_pairs(sigs, copy_level, recall=0.99)
     pairs = pairs[group_of[pairs[:, 0]] != group_of[pairs[:, 1]]]
@@ -284,7 +293,7 @@ def split_units(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], grou
     sizes = np.array([s.size for s in shingles], dtype=np.int64)
     flat = np.concatenate(shingles)
     columns = np.searchsorted(_distinct(flat), flat)
-    matrix = csr_matrix((np.ones(flat.size, dtype=np.int32), (np.repeat(np.arange(len(prompts)), sizes), columns)))
+    matrix = csr_matrix((np.ones(flat.size, dtype=np.int32), (np.repeat(np.arange(len(shingles)), sizes), columns)))
     shared = np.asarray(matrix[likely[:, 0]].multiply(matrix[likely[:, 1]]).sum(axis=1)).ravel()
     links = likely[shared >= copy_level * (sizes[likely[:, 0]] + sizes[likely[:, 1]] - shared)]
     _, first_in_group = np.unique(group_of, return_index=True)
@@ -293,9 +302,9 @@ def split_units(prompts: Sequence[str], answers: Sequence[tuple[str, ...]], grou
     first_with_answer: dict[tuple[str, ...], int] = {}
     same_answer = np.array([first_with_answer.setdefault(answer, i) for i, answer in enumerate(answers)],
                            dtype=np.int64)
-    rows = np.concatenate([np.arange(len(prompts)), np.arange(len(prompts)), links[:, 0]])
+    rows = np.concatenate([np.arange(len(shingles)), np.arange(len(shingles)), links[:, 0]])
     cols = np.concatenate([leader[group_of], same_answer, links[:, 1]])
-    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(len(prompts), len(prompts)))
+    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(len(shingles), len(shingles)))
     return connected_components(graph, directed=False)[1]
 
 
@@ -319,8 +328,9 @@ def deduplicate(items: list[Item], threshold: float, max_listed: int = 200) -> t
     answers: list[tuple[str, ...]] = [()] * len(distinct_prompts)
     for item, p in zip(reversed(kept), reversed(prompt_of.tolist())):
         answers[p] = tuple(item.record["response"])  # the first record's steps stand for its prompt
-    group_of = np.asarray(cluster(list(distinct_prompts), answers, threshold), dtype=np.int64)
-    units = split_units(list(distinct_prompts), answers, group_of, threshold)[prompt_of]
+    prompt_shingles = char_shingles(list(distinct_prompts))
+    group_of = np.asarray(cluster(list(distinct_prompts), prompt_shingles, answers, threshold), dtype=np.int64)
+    units = split_units(prompt_shingles, answers, group_of, threshold)[prompt_of]
     members: dict[int, list[int]] = {}
     for i, (item, p) in enumerate(zip(kept, prompt_of.tolist())):
         item.group = int(units[i])

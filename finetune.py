@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     records = load_splits(Path(args.data))  # cheap checks before the slow imports
     check_resume(args, out_dir, records["files"])
     announce_model(args)
+    if not args.dry_run:
+        import_engine(args.engine)
     base_path = models.resolve_model(args.model)
     check = Console(record=True, quiet=console.quiet)  # what the preflight prints also goes to OUT/preflight.txt
     preflight.check_memory(base_path, args, check)  # before anything is downloaded
     if "gguf" in args.export:
         preflight.check_gguf_tools(args.llama_cpp, check)
-    if not args.dry_run:
-        import_engine(args.engine)
     tokenizer = models.load_tokenizer(base_path, offline=args.dry_run)
     data = tokenize_splits(args, tokenizer, records, out_dir, check)
     if args.dry_run:

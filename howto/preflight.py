@@ -24,13 +24,15 @@ from howto import models
 from howto.runio import RunError, atomic_write_text
 
 GB = 1e9  # GPUs are sold in GB: a T4 is "16 GB"
-BUNDLED_CONFIGS = {models.DEFAULT_MODEL: Path(__file__).resolve().parents[1] / "configs" / "mistral-7b-v0.3.json"}
+MISTRAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mistral-7b-v0.3.json"
+BUNDLED_CONFIGS = {models.DEFAULT_MODEL: MISTRAL_CONFIG, models.UNSLOTH_4BIT[models.DEFAULT_MODEL]: MISTRAL_CONFIG}
 # NF4 with double quantization: 4 bits a weight, plus an 8-bit absmax per block of 64 and an fp32 constant per 256
 # blocks (the QLoRA paper's 0.127 bits a parameter).
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 # CUDA context, cuBLAS workspace and allocator slack: memory the card loses that no tensor accounts for.
 RUNTIME_BYTES = 0.75 * GB
-# Per-token floats the fused loss keeps beyond the logits of one chunk (the vocabulary-sized rows are not kept).
+# TRL's and Unsloth's fused LM heads compute the loss over tiles of the logits, never all of them: counted as the
+# vocabulary-sized rows of this many tokens (16-bit logits, fp32 log-probabilities and their gradient).
 LOSS_CHUNK_TOKENS = 1024
 ERROR_SHOWN = 20
 
@@ -305,15 +307,10 @@ def check_lengths(pairs: list[tuple[dict[str, Any], dict[str, list[int]]]], max_
     return checks
 
 
-def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each id as its own piece of text, special tokens by name."""
-    return [tokenizer.decode([i]) for i in ids]
-
-
 def token_view(tokenizer: Any, example: dict[str, list[int]]) -> tuple[Text, str]:
     """The example's tokens coloured by role (terminal), and one line a token (the file)."""
     ids, mask = example["input_ids"], example["completion_mask"]
-    pieces = token_pieces(tokenizer, ids)
+    pieces = [tokenizer.decode([i]) for i in ids]  # each id alone: special tokens by name
     text = Text()
     for piece, trained in zip(pieces, mask, strict=True):
         text.append(piece.replace("\n", "\\n\n"), style="bold black on green" if trained else "dim")

@@ -29,7 +29,7 @@ from pypdf.errors import PdfReadError
 from howto.augment import parse_answer
 from howto.llm import ChatClient, LLMError
 from howto.pii import redact
-from howto.review import read_review, review_kind
+from howto.review import first_object, read_review, review_kind
 from howto.runio import RunError
 
 DOCUMENT_SUFFIXES = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf",
@@ -125,26 +125,13 @@ def source_kind(path: Path) -> str | None:
     if kind:
         return kind
     if suffix in (".json", ".jsonl"):
-        return "chat" if _first_object_has(path, "messages") else None
+        return "chat" if "messages" in first_object(path) else None
     if suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
             header = {c.strip().lower() for c in next(csv.reader(f), [])}
         return "chat" if _column(header, ROLE_COLUMNS) and _column(header, TEXT_COLUMNS) and "prompt" not in header \
             else None
     return None
-
-
-def _first_object_has(path: Path, key: str) -> bool:
-    """Whether the first record of a JSON or JSONL file is an object with `key` (unparsable files are records:
-    the record loader reports their errors)."""
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        value = json.loads(text) if path.suffix.lower() == ".json" else \
-            json.loads(next((line for line in text.splitlines() if line.strip()), "null"))
-    except json.JSONDecodeError:
-        return False
-    first = value[0] if isinstance(value, list) and value else value
-    return isinstance(first, dict) and key in first
 
 
 # ------------------------------------------------------------------------------------------------- collection

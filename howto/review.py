@@ -76,16 +76,23 @@ def review_kind(path: Path) -> str | None:
             return "sheet" if "decision" in next(csv.reader(f), []) else None
     if suffix not in (".json", ".jsonl"):
         return None
+    first = first_object(path)
+    if "data" in first and "annotations" in first:
+        return "labelstudio"
+    return "sheet" if "decision" in first else None
+
+
+def first_object(path: Path) -> dict[str, Any]:
+    """The first record of a JSON or JSONL file when it is an object, else {}: enough to tell what the file is.
+    Files that do not parse count as {}; the record loader reports their errors with line and column."""
     text = path.read_text(encoding="utf-8-sig")
     try:
-        value = json.loads(text) if suffix == ".json" else \
+        value = json.loads(text) if path.suffix.lower() == ".json" else \
             json.loads(next((line for line in text.splitlines() if line.strip()), "null"))
-    except json.JSONDecodeError:
-        return None
+    except (json.JSONDecodeError, RecursionError):
+        return {}
     first = value[0] if isinstance(value, list) and value else value
-    if isinstance(first, dict) and "data" in first and "annotations" in first:
-        return "labelstudio"
-    return "sheet" if isinstance(first, dict) and "decision" in first else None
+    return first if isinstance(first, dict) else {}
 
 
 def read_review(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, int], list[str]]:

@@ -240,3 +240,13 @@ def test_estimate_is_within_20_percent_of_published_measurements():
     for tokens, published in ((1024, 5), (4096, 7), (16384, 10)):
         assert unsloth(llama2, 8, tokens) == pytest.approx(published, rel=0.2), tokens
     assert unsloth(llama31, 32, 40724) == pytest.approx(16, rel=0.2)
+
+
+def test_gguf_export_tools_are_had_before_training(data_dir, tmp_path):
+    """llama.cpp's converter (fetched once into the cache, as the export would) and the quantizer, named in the
+    preflight's record of the run."""
+    out = tmp_path / "run"
+    finetune.main(["--data", str(data_dir), "--out", str(out), "--model", "tiny", "--export", "gguf", "--quant",
+                   "q8_0", "--dry-run"])
+    saved = " ".join((out / "preflight.txt").read_text().split())  # the console wraps long lines
+    assert "GGUF export: converter" in saved and "convert_hf_to_gguf.py, quantizer llama-cpp-python" in saved

@@ -266,3 +266,35 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
     lm.eval()
     tokenizer = load_tokenizer(path)
     return lm, tokenizer
+
+
+# Notices that are not the toolkit's: torch's _pytree deprecation note when torchao registers its enums (imported by
+# peft and TRL), mistral-common's choice between two tokenizer files, bitsandbytes' optional CPU kernels package.
+QUIET_LOGGERS = ("torch.utils._pytree", "mistral_common", "bitsandbytes")
+HIDDEN_BARS = ("Loading weights",)
+
+
+def quiet_libraries() -> None:
+    """What the user reads is the toolkit's own lines: the loggers above are kept to errors (set before the libraries
+    import, which keeps their level) and datasets' progress bars (TRL's preprocessing maps) are off. Run when this
+    module is imported, which every script does before torch."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def hide_loading_bars() -> None:
+    """transformers' weight-loading bar hidden (a model loads in seconds once downloaded); download bars stay, since a
+    4 GB download needs one. Apart from quiet_libraries because it imports transformers, which the scripts' cheap
+    checks run before."""
+    from transformers.utils import logging as transformers_logging
+
+    def hook(factory: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        return factory(*args, **{**kwargs, "disable": kwargs.get("disable") or kwargs.get("desc") in HIDDEN_BARS})
+
+    transformers_logging.set_tqdm_hook(hook)
+
+
+quiet_libraries()

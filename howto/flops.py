@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
+
+from howto.preflight import Architecture
 
 # Rated dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets and architecture whitepapers:
 # T4 datasheet (65 FP16 mixed precision, 8.1 FP32); A100 datasheet (312 BF16/FP16, 19.5 FP32); H100 datasheet
@@ -46,61 +47,27 @@ GPU_PEAK_TFLOPS = {
 PEAK_MATMUL_SIZE = 1024  # large enough to run at the kernels' full rate, small enough to time in a second on 2 cores
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The sizes of a Llama/Mistral-style decoder that its FLOPs depend on."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @property
-    def attention_width(self) -> int:
-        return self.heads * self.head_dim
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(inputs, outputs) of each linear layer in one decoder layer, by the names LoRA targets."""
-        h, q, kv, m = self.hidden, self.attention_width, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
-
-    def layer_weights(self) -> int:
-        """Weights of every matrix multiply in the decoder layers (lm_head apart)."""
-        return self.layers * sum(i * o for i, o in self.projections().values())
-
-    def lm_head_weights(self) -> int:
-        return self.hidden * self.vocab
+def linear_weights(arch: Architecture) -> tuple[int, int]:
+    """Weights of the decoder layers' matrix multiplies, and of lm_head's (a matmul, tied to the embeddings or not)."""
+    return arch.layers * sum(i * o for i, o in arch.projections().values()), arch.hidden * arch.vocab
 
 
-def shape_of(config: Any) -> Shape:
-    """A transformers config (LlamaConfig, MistralConfig, Qwen2Config ...) as the sizes FLOPs depend on."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
-                 kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                 intermediate=config.intermediate_size, vocab=config.vocab_size)
-
-
-def lora_weights(shape: Shape, rank: int, targets: Sequence[str]) -> int:
+def lora_weights(arch: Architecture, rank: int, targets: Sequence[str]) -> int:
     """Weights of the LoRA adapters: A (inputs x r) and B (r x outputs) on each targeted projection of each layer."""
-    projections = shape.projections()
-    return shape.layers * sum(rank * sum(projections[t]) for t in targets if t in projections)
+    projections = arch.projections()
+    return arch.layers * sum(rank * sum(projections[t]) for t in targets if t in projections)
 
 
-def training_flops(shape: Shape, lengths: Sequence[int], rank: int, targets: Sequence[str],
+def training_flops(arch: Architecture, lengths: Sequence[int], rank: int, targets: Sequence[str],
                    checkpointing: bool = False) -> float:
     """FLOPs of one forward and backward pass of LoRA training over sequences of these (unpadded) lengths."""
-    n, n_layers, p = shape.layer_weights() + shape.lm_head_weights(), shape.layer_weights(), \
-        lora_weights(shape, rank, targets)
+    layers, head = linear_weights(arch)
+    adapters = lora_weights(arch, rank, targets)
     tokens = sum(lengths)
-    attention = 4 * shape.layers * shape.attention_width * sum(t * t for t in lengths)  # forward, per the T x T
-    total = (4 * n + 6 * p) * tokens + 3 * attention
+    attention = 4 * arch.layers * arch.heads * arch.head_dim * sum(t * t for t in lengths)  # forward, full T x T
+    total = (4 * (layers + head) + 6 * adapters) * tokens + 3 * attention
     if checkpointing:
-        total += (2 * n_layers + 2 * p) * tokens + attention
+        total += (2 * layers + 2 * adapters) * tokens + attention
     return float(total)
 
 
@@ -144,7 +111,59 @@ def peak_flops(precision: str) -> tuple[float | None, str]:
     return measured_peak_flops(precision), f"{precision} matmul measured on {torch.get_num_threads()} thread(s)"
 
 
-def utilisation(model_flops: float, seconds: float, peak: float | None) -> dict[str, float | None]:
-    """Achieved FLOP/s and its share of the peak."""
-    achieved = model_flops / seconds if seconds > 0 else 0.0
-    return {"flops_per_s": achieved, "mfu": achieved / peak if peak else None}
+def watch_batches(model: Any) -> list[dict[str, Any]]:
+    """A list that fills with the lengths and padded size of every training batch the model receives (evaluation
+    passes, in eval mode, are left out; checkpointing recomputes layers, not the whole forward, so each batch is seen
+    once)."""
+    batches: list[dict[str, Any]] = []
+
+    def record(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        if module.training:
+            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+            lengths = mask.sum(dim=1).tolist() if mask is not None else [ids.shape[-1]]
+            batches.append({"lengths": [int(n) for n in lengths], "computed": int(ids.numel())})
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return batches
+
+
+def usage(arch: Architecture, batches: list[dict[str, Any]], seconds: float, rank: int, targets: Sequence[str],
+          checkpointing: bool, peak: float | None) -> dict[str, float | None]:
+    """Achieved model FLOP/s, MFU, HFU and padding waste of training these batches in these seconds."""
+    lengths = [n for batch in batches for n in batch["lengths"]]
+    model_flops = training_flops(arch, lengths, rank, targets)
+    hardware_flops = training_flops(arch, lengths, rank, targets, checkpointing=checkpointing)
+    return {"flops_per_token": model_flops / max(1, sum(lengths)), "flops_per_s": model_flops / seconds,
+            "mfu": model_flops / seconds / peak if peak else None,
+            "hfu": hardware_flops / seconds / peak if peak else None,
+            "padding_waste": padding_waste(lengths, sum(batch["computed"] for batch in batches))}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="ignore").read()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
+                 if line.split(":", 1)[0].strip() in ("flags", "Features")), set())
+
+
+def cpu_has_native_bf16() -> bool:
+    """bfloat16 in hardware: AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on Arm. Without it torch emulates
+    bf16 matmuls and bf16 training runs slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_plan() -> dict[str, Any]:
+    """Engine, precision, 4-bit and threads for training on this CPU, from what it supports and what
+    bench/train_bench.py measured (README, Benchmarks): on a CPU both engines run the same transformers model and the
+    same kernels, so the plain hf engine (no Unsloth import and patching) at the same speed; bf16 where the CPU has
+    it natively; no 4-bit, since bitsandbytes dequantizes every layer on every step on a CPU; one thread a core."""
+    import torch
+
+    bf16 = cpu_has_native_bf16()
+    return {"engine": "hf", "precision": "bf16" if bf16 else "fp32", "four_bit": False,
+            "threads": torch.get_num_threads(),
+            "reason": f"CPU ({torch.backends.cpu.get_cpu_capability()}) "
+                      + ("with native bfloat16" if bf16 else "without native bfloat16: float32")}

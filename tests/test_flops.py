@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from howto import flops
+from howto.preflight import Architecture
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 8
@@ -46,7 +47,7 @@ def torch_count(model, batch: int, length: int) -> int:
 def test_training_flops_match_torchs_count(checkpointing):
     model, config = lora_model(checkpointing)
     counted = torch_count(model, batch=2, length=96)
-    ours = flops.training_flops(flops.shape_of(config), [96, 96], RANK, TARGETS, checkpointing=checkpointing)
+    ours = flops.training_flops(Architecture.from_config(config.to_dict()), [96, 96], RANK, TARGETS, checkpointing=checkpointing)
     assert ours == pytest.approx(counted, rel=0.02)
 
 
@@ -55,16 +56,16 @@ def test_lora_on_some_projections_and_a_longer_sequence():
     targets = ["q_proj", "v_proj"]
     model, config = lora_model(checkpointing=False, targets=targets)
     counted = torch_count(model, batch=1, length=200)
-    ours = flops.training_flops(flops.shape_of(config), [200], RANK, targets)
+    ours = flops.training_flops(Architecture.from_config(config.to_dict()), [200], RANK, targets)
     assert ours == pytest.approx(counted, rel=0.02)
-    shorter = flops.training_flops(flops.shape_of(config), [100, 100], RANK, targets)
+    shorter = flops.training_flops(Architecture.from_config(config.to_dict()), [100, 100], RANK, targets)
     assert shorter < ours  # same tokens, half the attention context
 
 
 def test_recomputation_adds_a_forward_of_the_decoder_layers():
-    shape = flops.shape_of(lora_model(False)[1])
-    plain = flops.training_flops(shape, [64], RANK, TARGETS)
-    again = flops.training_flops(shape, [64], RANK, TARGETS, checkpointing=True)
+    arch = Architecture.from_config(lora_model(False)[1].to_dict())
+    plain = flops.training_flops(arch, [64], RANK, TARGETS)
+    again = flops.training_flops(arch, [64], RANK, TARGETS, checkpointing=True)
     assert plain < again < plain * 1.5  # a forward is about a third of a full-training step, less the lm_head
 
 

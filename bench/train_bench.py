@@ -1,29 +1,44 @@
 #!/usr/bin/env python
-"""Training throughput and peak memory: the Unsloth path against plain transformers + peft, same model and data.
+"""Training against the machine's limit: tokens/s, MFU and padding waste of each engine and of each change that cuts
+waste, before and after, on the same machine in one run.
 
-    python bench/train_bench.py                          # CPU: the tiny model (numbers show the plumbing only)
-    python bench/train_bench.py --model smollm2          # CPU: a real 135M model
-    python bench/train_bench.py --full-size              # GPU: Mistral-7B architecture, 4-bit, batch 2 x 2048
+    python bench/train_bench.py --model smollm2                  # CPU: every group below, 3 repeats
+    python bench/train_bench.py --model smollm2 --groups threads --repeats 1
+    python bench/train_bench.py --full-size                      # GPU: Mistral-7B architecture, 4-bit, 2 x 2048
 
-Each engine runs in a process of its own (Unsloth patches the libraries it is imported before, and peak memory is
-per process) through finetune.py's own loading and trainer code, on the same fixed-length random token sequences.
-Tokens per second are timed over optimizer steps after a few warm-up steps (kernel autotuning, allocator growth);
-peak memory is the GPU's peak allocation, or the process's peak resident memory on a CPU.
+Groups, each row a process of its own through finetune.py's loading and trainer code:
+- engines: unsloth and hf side by side in the same precision, 4-bit on and off for each (bf16 rows only where the
+  CPU computes bf16 natively); the 4-bit column says what was loaded, not what was asked for;
+- checkpointing: gradient checkpointing on (the recomputation costs a forward pass of every layer) and off;
+- batching: padded batches in random order (before) and batches of similar lengths (TRL's group_by_length);
+- threads: alone, then beside one busy process (a pure-Python loop on one core) with OpenMP's default wait policy
+  and torch's default threads (before), with OMP_WAIT_POLICY=PASSIVE, and with one thread fewer.
+Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" row) in one thing only.
+
+The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
+loop's own. Tokens per second count useful (non-padding) tokens over the optimizer steps after the warm-up. MFU is
+howto.flops' model FLOPs of those tokens over the peak: on a CPU a dense matmul of the run's dtype measured in the same
+process, on the same threads, just before and just after training (the mean is used, both are shown), so a busy
+machine slows both sides of the ratio; on a GPU the rated peak. HFU adds the recomputation of checkpointing. Padding
+waste is the share of computed token positions that were padding. Peak memory is the GPU's peak allocation, or the
+process's peak resident memory on a CPU.
 
 `--full-size` builds a Mistral-7B-architecture model (MistralConfig of Mistral-7B-v0.3: hidden 4096, 32 layers,
 32 heads, 8 KV heads, MLP 14336, vocabulary 32768) with random weights once, in bf16, into the model cache; both
-engines then load it in 4-bit as they would the real model. Speed and memory do not depend on the weights' values.
+engines then load it in 4-bit as they would the real model, at batch 2 x 2048 on synthetic full-length sequences.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -32,35 +47,99 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
-from howto import models  # noqa: E402
+from howto import flops, models  # noqa: E402
+from howto.preflight import Architecture  # noqa: E402
 from howto.runio import atomic_dir, library_versions, write_json  # noqa: E402
 
 ENGINES = ("unsloth", "hf")
+GROUPS = ("engines", "checkpointing", "batching", "threads")
+DATA = ROOT / "data" / "howto_steps.jsonl"
 TARGET_SPEEDUP = 1.8
 TARGET_MEMORY_SHARE = 0.60
+TARGET_CPU_MFU = 0.40
 T4_GIB = 16e9 / 2**30  # a "16 GB" T4 holds 14.9 GiB
 FULL_SIZE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
                  sliding_window=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+BUSY_LOOP = "while True: pass"
 
 console = Console()
+if not console.is_terminal:
+    console = Console(width=200)  # a log file: the whole table on one line a row
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help="model for both paths: tiny, smollm2, a folder or a hub id")
+    p.add_argument("--model", default="smollm2", help="model for every row: smollm2, tiny, a folder or a hub id")
     p.add_argument("--full-size", action="store_true",
                    help="GPU: a random-weight Mistral-7B-architecture model in 4-bit (built once into the cache)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048 full-size, else 256)")
-    p.add_argument("--batch-size", type=int, default=2, help="sequences per step (the T4 recipe's 2)")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per engine, warm-up included")
-    p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")
-    p.add_argument("--engines", default="unsloth,hf", help="comma-separated engines to measure")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # one engine's measurement, in its process
+    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated groups of rows to measure")
+    p.add_argument("--repeats", type=int, default=3, help="times each row is measured; tables give the range")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default 2 full-size, "
+                                                                "else 4)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per row, warm-up included")
+    p.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the timing")
+    p.add_argument("--seq-len", type=int, default=2048, help="--full-size: tokens per synthetic sequence")
+    p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one row's case as JSON, measured in this process
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = build_parser().parse_args(argv)
+    if options.worker:
+        result = measure(json.loads(options.worker), options)
+        print("\nRESULT=" + json.dumps(result), flush=True)  # on a line of its own, after the trainer's display
+        return
+    check_options(options)
+    options.batch_size = options.batch_size or (2 if options.full_size else 4)
+    model_path, label = bench_model(options)
+    cases = plan_cases(options)
+
+    def save(runs: dict[str, list[dict]], summary: dict[str, Any]) -> None:
+        if options.json:
+            write_json(options.json, {"model": model_path, "label": label, "cases": cases, "runs": runs, **summary,
+                                      "machine": machine(), "versions": library_versions()})
+
+    runs = run_all(cases, model_path, options, save)
+    save(runs, report(cases, runs, label, options))
+
+
+def check_options(options: argparse.Namespace) -> None:
+    if options.steps <= options.warmup_steps:
+        raise SystemExit("error: --steps must be larger than --warmup-steps")
+    unknown = set(options.groups.split(",")) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"error: --groups: unknown {', '.join(sorted(unknown))} (choose from {', '.join(GROUPS)})")
+    if options.full_size and not models.has_cuda():
+        raise SystemExit("error: --full-size needs a CUDA GPU; on a CPU, benchmark the tiny or smollm2 model")
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model and cores, and the GPU if any: a time means little without them."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "gpu": torch_gpu_name()}
+
+
+def torch_gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+# ------------------------------------------------------------------------------------------------------- The rows
+
+def bench_model(options: argparse.Namespace) -> tuple[str, str]:
+    if options.full_size:
+        return build_full_size_model(), "Mistral-7B architecture (random weights), 4-bit"
+    if options.model == "tiny":
+        console.print("[yellow]--model tiny: random weights, a 64-wide model; the numbers show the plumbing, "
+                      "not what Unsloth does for a 7B model on a GPU.[/]")
+    return models.resolve_model(options.model), options.model
 
 
 def build_full_size_model() -> str:
@@ -89,144 +168,268 @@ def build_full_size_model() -> str:
     return str(atomic_dir(models.cache_dir() / "mistral-7b-arch-random", build))
 
 
-def synthetic_dataset(vocab: int, n: int, seq_len: int) -> Any:
-    """Fixed-length random sequences, the first quarter prompt (no loss), the rest assistant tokens."""
+def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every row: the loop's own settings with one thing changed. Identical rows of two groups run once."""
+    if options.full_size:
+        gpu = {"threads": None, "wait_policy": None, "busy": False, "checkpointing": None, "batching": "full",
+               "four_bit": True}
+        return [{**gpu, "group": "engines", "label": engine, "engine": engine,
+                 "precision": models.choose_precision(engine)[0]} for engine in ENGINES]
+    plan = flops.cpu_plan()
+    loop = {"group": "loop", "label": "after: the CPU loop's settings (flops.cpu_plan)", "engine": plan["engine"],
+            "precision": plan["precision"], "four_bit": plan["four_bit"], "checkpointing": False,
+            "batching": "grouped", "threads": plan["threads"], "wait_policy": "PASSIVE", "busy": False}
+    # Unsloth picks bf16 by the same CPU flags as cpu_plan (unsloth_zoo.cpu.runtime.cpu_bf16_supported)
+    before = {**loop, "label": "before: Unsloth's CPU fallback, checkpointing, random order, default threads",
+              "engine": "unsloth", "precision": plan["precision"], "checkpointing": True,
+              "batching": "random", "wait_policy": None}
+    cases = [loop, before]
+    groups = options.groups.split(",")
+    if "engines" in groups:
+        precisions = ["fp32", "bf16"] if flops.cpu_has_native_bf16() else ["fp32"]
+        # finetune.py's hf engine loads full-precision weights on a CPU (its 4-bit is bitsandbytes' CUDA path), so
+        # 4-bit on a CPU is Unsloth's row alone
+        cases += [{**loop, "group": "engines", "label": f"{engine}, {precision}, {'4-bit' if four_bit else 'no 4-bit'}",
+                   "engine": engine, "precision": precision, "four_bit": four_bit}
+                  for precision in precisions for four_bit in (False, True) for engine in ENGINES
+                  if not (four_bit and engine == "hf")]
+    if "checkpointing" in groups:
+        cases.append({**loop, "group": "checkpointing", "label": "gradient checkpointing on (before)",
+                      "checkpointing": True})
+    if "batching" in groups:
+        cases.append({**loop, "group": "batching", "label": "random order, padded (before)", "batching": "random"})
+    if "threads" in groups:
+        busy = {**loop, "group": "threads", "busy": True}
+        cases += [{**busy, "label": "busy core: default wait policy (before)", "wait_policy": None},
+                  {**busy, "label": "busy core: OMP_WAIT_POLICY=PASSIVE"},
+                  {**busy, "label": f"busy core: PASSIVE, {max(1, plan['threads'] - 1)} thread(s)",
+                   "threads": max(1, plan["threads"] - 1)}]
+    return cases
+
+
+def case_key(case: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in case.items() if k not in ("group", "label")}, sort_keys=True)
+
+
+def run_all(cases: list[dict[str, Any]], model_path: str, options: argparse.Namespace,
+            save: Callable[[dict[str, list[dict]], dict[str, Any]], None]) -> dict[str, list[dict]]:
+    """Each distinct row `--repeats` times, the repeats interleaved so that a change in the machine's load touches
+    every row alike; the measurements so far are saved after each row."""
+    distinct = {case_key(c): c for c in cases}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in distinct}
+    for repeat in range(1, options.repeats + 1):
+        for key, case in distinct.items():
+            console.print(f"[{repeat}/{options.repeats}] {case['group']}: {case['label']} ...")
+            runs[key].append(run_worker(case, model_path, options))
+            save(runs, {})
+    return runs
+
+
+def run_worker(case: dict[str, Any], model_path: str, options: argparse.Namespace) -> dict[str, Any]:
+    """One row in a fresh process (Unsloth patches what it is imported before; OpenMP reads its settings once)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case), "--model-path",
+               model_path, "--batch-size", str(options.batch_size), "--steps", str(options.steps),
+               "--warmup-steps", str(options.warmup_steps), "--seq-len", str(options.seq_len),
+               *(["--full-size"] if options.full_size else [])]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    if case["wait_policy"]:
+        env["OMP_WAIT_POLICY"] = case["wait_policy"]
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if case["busy"] else None
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT=")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"error: {case['label']}: the run failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT="))
+
+
+# --------------------------------------------------------------------------------------------- One row, measured
+
+def bench_records(tokenizer: Any, options: argparse.Namespace, vocab: int) -> list[dict[str, list[int]]]:
+    """Every usable bundled record in the model's chat format, so that batches grouped by length are grouped among
+    as many records as in the loop; --full-size: random full-length sequences, one batch a step."""
+    from howto import chat
+    from howto.records import RecordError, read_records, to_record
+
+    if options.full_size:
+        import torch
+
+        n = options.steps * options.batch_size
+        ids = torch.randint(3, vocab, (n, options.seq_len), generator=torch.Generator().manual_seed(0)).tolist()
+        prompt = options.seq_len // 4
+        return [{"input_ids": row, "completion_mask": [0] * prompt + [1] * (options.seq_len - prompt)} for row in ids]
+    encoded = []
+    for raw in read_records(DATA):
+        try:
+            record = to_record(raw)[0]
+        except RecordError:
+            continue  # prepare_data.py drops these too
+        encoded.append(chat.encode_example(tokenizer, record["prompt"], record["response"]))
+    return encoded
+
+
+def measure(case: dict[str, Any], options: argparse.Namespace) -> dict[str, Any]:
+    """One row, in this process: finetune.py's loader and trainer, timed over the steps after the warm-up, between
+    two measurements of the peak."""
+    finetune.import_engine(case["engine"])  # Unsloth before transformers, trl and peft
     import torch
     from datasets import Dataset
 
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (n, seq_len), generator=generator).tolist()
-    prompt = seq_len // 4
-    return Dataset.from_list([{"input_ids": row, "completion_mask": [0] * prompt + [1] * (seq_len - prompt)}
-                              for row in ids])
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        args = finetune.parse(["--data", tmp, "--out", tmp, "--engine", case["engine"], "--model", options.model_path,
+                               "--batch-size", str(options.batch_size), "--grad-accum", "1", "--epochs", "1",
+                               "--patience", "0", "--warmup-ratio", "0", "--max-seq-length",
+                               str(options.seq_len if options.full_size else 384),
+                               "--load-in-4bit" if case["four_bit"] else "--no-load-in-4bit"])
+        tokenizer = models.load_tokenizer(options.model_path)
+        finetune.set_pad_token(tokenizer)
+        records = bench_records(tokenizer, options, tokenizer.vocab_size)
+        train = Dataset.from_list(records)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        model = finetune.load_model(args, options.model_path, case["precision"])
+        if case["checkpointing"] is not None:  # None: as the loader chose (Unsloth's own on a GPU)
+            set_checkpointing(model, case["checkpointing"])
+        trainer = finetune.build_trainer(model, tokenizer, train, train.select(range(1)), args, Path(tmp),
+                                         case["precision"])
+        trainer.args.train_sampling_strategy = "group_by_length" if case["batching"] == "grouped" else "random"
+        batches = flops.watch_batches(trainer.model)
+        timer = step_timer(options.steps)
+        trainer.add_callback(timer)
+        peak_before, peak_source = flops.peak_flops(case["precision"])
+        trainer.train()
+        peak_after, _ = flops.peak_flops(case["precision"])
+        arch = Architecture.from_config(model.config.to_dict())
+        return row_result(case, args, arch, batches, timer.marks, options.warmup_steps, peak_before, peak_after,
+                          peak_source, loaded_in_4bit(model))
 
 
-def step_timer() -> Any:
-    """Time and tokens seen at the end of every optimizer step."""
+def set_checkpointing(model: Any, on: bool) -> None:
+    """Gradient checkpointing as the row asks, whatever the loader chose (transformers' own, non-reentrant)."""
+    if on and not model.is_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    elif not on and model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+
+
+def loaded_in_4bit(model: Any) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def step_timer(steps: int) -> Any:
+    """Wall and process CPU time at the end of every optimizer step; training stops after `steps`."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
+            self.marks: list[tuple[float, float]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+            self.marks.append((time.perf_counter(), time.process_time()))
+            control.should_training_stop = state.global_step >= steps
 
     return StepTimer()
 
 
-def measure(engine: str, model_path: str, seq_len: int, batch: int, steps: int, warmup: int) -> dict[str, Any]:
-    """One engine, in this process: finetune.py's loader and trainer, timed over steps after the warm-up."""
-    finetune.import_engine(engine)  # Unsloth before transformers, trl and peft
+def row_result(case: dict[str, Any], args: argparse.Namespace, arch: Architecture, batches: list[dict[str, Any]],
+               marks: list[tuple[float, float]], warmup: int, peak_before: float | None, peak_after: float | None,
+               peak_source: str, four_bit: bool) -> dict[str, Any]:
+    """The timed steps' figures. cpu_share: the CPU time the process got over what its threads could have had, so a
+    row slowed by other processes on the machine says so."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix=f"bench-{engine}-") as tmp:
-        args = finetune.parse(["--data", tmp, "--out", tmp, "--engine", engine, "--model", model_path,
-                               "--batch-size", str(batch), "--grad-accum", "1", "--max-seq-length", str(seq_len),
-                               "--epochs", "1", "--patience", "0", "--warmup-ratio", "0"])
-        tokenizer = models.load_tokenizer(model_path)
-        train = synthetic_dataset(tokenizer.vocab_size, steps * batch, seq_len)
-        precision, why = finetune.choose_precision(engine)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        model = finetune.load_model(args, model_path, precision)
-        trainer = finetune.build_trainer(model, tokenizer, train, train.select(range(1)), args, Path(tmp), precision)
-        timer = step_timer()
-        trainer.add_callback(timer)
-        trainer.train()
-        (t0, n0), (t1, n1) = timer.marks[warmup - 1], timer.marks[-1]
-        return {
-            "engine": engine, "precision": precision, "precision_reason": why,
-            "four_bit": bool(args.load_in_4bit and (engine == "unsloth" or torch.cuda.is_available())),
-            "tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (len(timer.marks) - warmup),
-            "peak_memory_gib": finetune.peak_memory_gib(), "measured_steps": len(timer.marks) - warmup,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        }
+    timed = batches[warmup:len(marks)]
+    (wall0, cpu0), (wall1, cpu1) = marks[warmup - 1], marks[-1]
+    seconds = wall1 - wall0
+    peak = (peak_before + peak_after) / 2 if peak_before and peak_after else None
+    use = flops.usage(arch, timed, seconds, args.lora_r, args.target_modules, case["checkpointing"] is not False, peak)
+    return {
+        **case, **use, "four_bit_loaded": four_bit, "threads_used": torch.get_num_threads(),
+        "tokens_per_s": sum(sum(b["lengths"]) for b in timed) / seconds, "s_per_step": seconds / len(timed),
+        "cpu_share": (cpu1 - cpu0) / (seconds * torch.get_num_threads()), "peak_flops_per_s": peak,
+        "peak_before": peak_before, "peak_after": peak_after, "peak_source": peak_source,
+        "peak_memory_gib": finetune.peak_memory_gib(), "measured_steps": len(timed),
+        "load_average_1min": os.getloadavg()[0], "gpu": torch_gpu_name(),
+    }
 
 
-def run_worker(engine: str, model_path: str, options: argparse.Namespace, seq_len: int) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--model-path", model_path,
-               "--seq-len", str(seq_len), "--batch-size", str(options.batch_size), "--steps", str(options.steps),
-               "--warmup-steps", str(options.warmup_steps)]
-    console.print(f"measuring the {engine} path ...")
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT=")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"error: the {engine} run failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT="))
+# ------------------------------------------------------------------------------------------------------- Report
+
+def spread(values: list[float], fmt: str) -> str:
+    """One value, or the median with the range over the repeats."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
-def verdict(met: bool, applies: bool) -> str:
-    if not applies:
-        return "[dim]GPU target[/]"
-    return "[green]met[/]" if met else "[red]missed[/]"
-
-
-def report(results: dict[str, dict[str, Any]], full_size: bool, label: str) -> dict[str, Any]:
-    on_gpu = all(r["gpu"] for r in results.values())
-    table = Table(title=f"Training throughput: {label}", title_justify="left")
-    for column in ("path", "precision", "4-bit", "tokens/s", "s/step", "peak memory GiB"):
-        table.add_column(column, justify="right" if column not in ("path", "precision") else "left")
-    for engine, r in results.items():
-        table.add_row(engine, r["precision"], "yes" if r["four_bit"] else "no", f"{r['tokens_per_s']:.1f}",
-                      f"{r['s_per_step']:.3f}", f"{r['peak_memory_gib']:.2f}")
-    summary: dict[str, Any] = {}
-    if set(ENGINES) <= set(results):
-        u, h = results["unsloth"], results["hf"]
-        summary = {"speedup": u["tokens_per_s"] / h["tokens_per_s"],
-                   "memory_share": u["peak_memory_gib"] / h["peak_memory_gib"]}
-        table.add_section()
-        table.add_row("unsloth / hf", "", "", f"{summary['speedup']:.2f}x", "", f"{summary['memory_share']:.0%}")
+def report(cases: list[dict[str, Any]], runs: dict[str, list[dict]], label: str,
+           options: argparse.Namespace) -> dict[str, Any]:
+    first = next(iter(runs.values()))[0]
+    on_gpu = bool(first["gpu"])
+    where = first["gpu"] or f"{machine()['cpu']}, {os.cpu_count()} cores"
+    loads = [r["load_average_1min"] for rs in runs.values() for r in rs]
+    title = (f"Training: {label}, batch {options.batch_size}, {options.steps - options.warmup_steps} timed steps, "
+             f"{where}; median (range) over {options.repeats} repeat(s)")
+    table = Table(title=title, title_justify="left")
+    for column in ("group", "row", "engine", "precision", "4-bit", "ckpt", "tokens/s", "MFU", "HFU", "padding",
+                   "peak GFLOP/s", "CPU share", "peak mem GiB"):
+        table.add_column(column, justify="left" if column in ("group", "row", "engine", "precision") else "right")
+    summary: dict[str, Any] = {"rows": []}
+    for case in cases:
+        rs = runs[case_key(case)]
+        row = {"group": case["group"], "label": case["label"],
+               "tokens_per_s": [r["tokens_per_s"] for r in rs], "mfu": [r["mfu"] for r in rs if r["mfu"]],
+               "padding_waste": [r["padding_waste"] for r in rs]}
+        summary["rows"].append(row)
+        peaks = [r["peak_flops_per_s"] / 1e9 for r in rs if r["peak_flops_per_s"]]
+        table.add_row(case["group"], case["label"], case["engine"], case["precision"],
+                      "yes" if rs[0]["four_bit_loaded"] else "no",
+                      {True: "on", False: "off", None: "engine's"}[case["checkpointing"]],
+                      spread(row["tokens_per_s"], ".1f"), spread(row["mfu"], ".1%") if row["mfu"] else "-",
+                      spread([r["hfu"] for r in rs if r["hfu"]], ".1%") if row["mfu"] else "-",
+                      spread(row["padding_waste"], ".1%"), spread(peaks, ".0f") if peaks else "-",
+                      spread([r["cpu_share"] for r in rs], ".0%"), spread([r["peak_memory_gib"] for r in rs], ".2f"))
     console.print(table)
-
-    targets = Table(title="Targets", title_justify="left")
-    for column in ("target", "measured", "status"):
-        targets.add_column(column)
-    if summary:
-        targets.add_row(f"Unsloth >= {TARGET_SPEEDUP}x the tokens/s of hf", f"{summary['speedup']:.2f}x",
-                        verdict(summary["speedup"] >= TARGET_SPEEDUP, on_gpu))
-        targets.add_row(f"Unsloth peak memory < {TARGET_MEMORY_SHARE:.0%} of hf", f"{summary['memory_share']:.0%}",
-                        verdict(summary["memory_share"] < TARGET_MEMORY_SHARE, on_gpu))
-    if "unsloth" in results:
-        peak = results["unsloth"]["peak_memory_gib"]
-        fits = "Mistral-7B QLoRA step, batch 2 x 2048, in 16 GB (14.9 GiB)"
-        if full_size:
-            targets.add_row(fits, f"{peak:.2f} GiB", verdict(peak < T4_GIB, on_gpu))
-        else:
-            targets.add_row(fits, "-", "[dim]needs --full-size on a GPU[/]")
-    console.print(targets)
-    if not on_gpu:
-        console.print("[dim]On a CPU both paths fall back to CPU kernels (Unsloth's CPU fallback in bf16 and 4-bit, "
-                      "hf in fp32): the GPU targets do not apply, and peak memory is the whole process's.[/]")
+    console.print(f"Load average (1 min) during the rows: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores"
+                  + (" [yellow](a busy machine: absolute figures are low, ratios such as MFU less so)[/]"
+                     if max(loads) > (os.cpu_count() or 1) else ""))
+    if on_gpu:
+        summary.update(gpu_targets(runs, cases))
+    else:
+        loop = [r["mfu"] for r in runs[case_key(cases[0])] if r["mfu"]]
+        if loop:
+            verdict = "[green]met[/]" if statistics.median(loop) >= TARGET_CPU_MFU else "[red]missed[/]"
+            console.print(f"Target: the CPU loop's settings at >= {TARGET_CPU_MFU:.0%} MFU: median "
+                          f"{statistics.median(loop):.1%}, {verdict}")
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    options = build_parser().parse_args(argv)
-    if options.worker:
-        result = measure(options.worker, options.model_path, options.seq_len, options.batch_size, options.steps,
-                         options.warmup_steps)
-        print("RESULT=" + json.dumps(result), flush=True)
-        return
-    if options.steps <= options.warmup_steps:
-        raise SystemExit("error: --steps must be larger than --warmup-steps")
-    if options.full_size:
-        if not models.has_cuda():
-            raise SystemExit("error: --full-size needs a CUDA GPU; on a CPU, benchmark the tiny or smollm2 model")
-        model_path, label = build_full_size_model(), "Mistral-7B architecture (random weights), 4-bit"
-    else:
-        model_path, label = models.resolve_model(options.model), options.model
-        if options.model == "tiny":
-            console.print("[yellow]--model tiny: random weights, a 64-wide model; the numbers show the plumbing, "
-                          "not what Unsloth does for a 7B model on a GPU.[/]")
-    seq_len = options.seq_len or (2048 if options.full_size else 256)
-    engines = [e.strip() for e in options.engines.split(",") if e.strip()]
-    results = {engine: run_worker(engine, model_path, options, seq_len) for engine in engines}
-    label += f", batch {options.batch_size} x {seq_len} tokens, {options.steps - options.warmup_steps} timed steps"
-    summary = report(results, options.full_size, label)
-    if options.json:
-        write_json(options.json, {"model": model_path, "label": label, "results": results, **summary,
-                                  "versions": library_versions()})
+def gpu_targets(runs: dict[str, list[dict]], cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The GPU targets: Unsloth's speed-up and memory share against hf, and the 7B step within a T4's 16 GB."""
+    by_engine = {c["engine"]: runs[case_key(c)] for c in cases if c["group"] == "engines"}
+    u, h = by_engine["unsloth"], by_engine["hf"]
+    speedup = statistics.median(r["tokens_per_s"] for r in u) / statistics.median(r["tokens_per_s"] for r in h)
+    share = statistics.median(r["peak_memory_gib"] for r in u) / statistics.median(r["peak_memory_gib"] for r in h)
+    peak = max(r["peak_memory_gib"] for r in u)
+    targets = Table(title="GPU targets", title_justify="left")
+    for column in ("target", "measured", "status"):
+        targets.add_column(column)
+    for text, value, met in (
+            (f"Unsloth >= {TARGET_SPEEDUP}x the tokens/s of hf", f"{speedup:.2f}x", speedup >= TARGET_SPEEDUP),
+            (f"Unsloth peak memory < {TARGET_MEMORY_SHARE:.0%} of hf", f"{share:.0%}", share < TARGET_MEMORY_SHARE),
+            ("Mistral-7B QLoRA step, batch 2 x 2048, in 16 GB (14.9 GiB)", f"{peak:.2f} GiB", peak < T4_GIB)):
+        targets.add_row(text, value, "[green]met[/]" if met else "[red]missed[/]")
+    console.print(targets)
+    return {"speedup": speedup, "memory_share": share}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ versus one prompt at a time, and how much of a batch's work is useful when answe
 
     python bench/eval_bench.py                       # 1,000 pairs, 16 prompts on the tiny model, 32 on SmolLM2
     python bench/eval_bench.py --pairs 200 --prompts 8 --straggler-prompts 0
+    python bench/eval_bench.py --straggler-adapter runs/smollm2   # stragglers of a fine-tuned SmolLM2
 
 Metrics: BERTScore and the step encoder are all-MiniLM-L6-v2 (the offline settings); the 1,000 pairs are made from
 the bundled dataset's references, with steps dropped, shuffled or reversed, so outputs and references differ as they
@@ -10,12 +11,12 @@ do in a real run. Model loading is timed apart. Generation: the tiny random-weig
 answers are all `--max-new-tokens` long (random weights never emit the end-of-sequence token), so both modes do the
 same work. A real model (`--model smollm2`) stops answers early, and a batch runs until its longest answer ends.
 
-Stragglers: SmolLM2 (a real model, whose answers end when they are done) answers the bundled test-like prompts
-in batches of `--batch-size`, at most 160 new tokens (the CPU profile's cap), once with the prompts in the order
-evaluate.py used before (by prompt length) and once in its order now (by the reference answer's length). A batch
-computes a token for every row at every step until its longest answer ends, so the useful share is the tokens
-answered over rows x steps. The share is a property of the greedy answers, the same on any machine; the times
-are not.
+Stragglers: SmolLM2, or a SmolLM2 run fine-tuned by finetune.py (`--straggler-adapter`; its answers end when the
+steps do, the base model's mostly run to the cap), answers bundled prompts in batches of `--batch-size`, at most
+160 new tokens (the CPU profile's cap), once with the prompts in the order evaluate.py used before (by prompt
+length) and once in its order now (by the reference answer's length). A batch computes a token for every row at
+every step until its longest answer ends, so the useful share is the tokens answered over rows x steps. The share
+is a property of the greedy answers, the same on any machine; the times are not.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from howto.chat import render_steps  # noqa: E402
-from howto.generate import generate_batch  # noqa: E402
+from howto.generate import generate_batch, quiet_libraries  # noqa: E402
 from howto.metrics import METRICS, BertScore, StepEncoder, paired_comparison, score_examples  # noqa: E402
 
 
@@ -108,13 +109,15 @@ def bench_generation(model: str, n_prompts: int, max_new_tokens: int, batch_size
     return rows
 
 
-def bench_stragglers(n_prompts: int, batch_size: int, max_new_tokens: int = 160) -> list[tuple[str, str, str]]:
+def bench_stragglers(n_prompts: int, batch_size: int, adapter: str | None,
+                     max_new_tokens: int = 160) -> list[tuple[str, str, str]]:
     """Useful tokens over computed tokens (rows x steps of each batch), prompts ordered the old way and the new."""
     from howto.models import load_for_generation
 
     records = [json.loads(line) for line in (ROOT / "data" / "howto_steps.jsonl").read_text().splitlines()]
     records = records[:: max(1, len(records) // n_prompts)][:n_prompts]
-    lm, tokenizer = load_for_generation("smollm2")
+    lm, tokenizer = load_for_generation("smollm2", adapter=adapter)
+    model = "smollm2 + adapter" if adapter else "smollm2"
     orders = {"by prompt length (before)": lambda r: len(r["prompt"]),
               "by reference length (now)": lambda r: len(render_steps(r["response"]))}
     rows = []
@@ -129,7 +132,7 @@ def bench_stragglers(n_prompts: int, batch_size: int, max_new_tokens: int = 160)
             useful += sum(steps)
             computed += len(batch) * max(steps)  # every row runs until the batch's longest answer ends
         seconds = time.perf_counter() - began
-        rows.append((f"stragglers, smollm2, {len(todo)} prompts in batches of {batch_size}: {label}",
+        rows.append((f"stragglers, {model}, {len(todo)} prompts in batches of {batch_size}: {label}",
                      f"{seconds:.1f} s, {useful} of {computed} tokens useful",
                      f"{useful / computed:.0%} useful, {useful / seconds:.1f} useful tok/s"))
     return rows
@@ -146,13 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the synthetic pairs")
     parser.add_argument("--straggler-prompts", type=int, default=32,
                         help="bundled prompts SmolLM2 answers in the straggler bench; 0 skips it")
+    parser.add_argument("--straggler-adapter", help="a finetune.py run folder of SmolLM2 whose adapter answers in the "
+                                                    "straggler bench (its answers end; the base model's ramble)")
     args = parser.parse_args(argv)
+    quiet_libraries()
     import torch
 
     rows = bench_metrics(args.pairs, args.seed) + bench_generation(args.model, args.prompts, args.max_new_tokens,
                                                                      args.batch_size, args.repeats)
     if args.straggler_prompts:
-        rows += bench_stragglers(args.straggler_prompts, args.batch_size)
+        rows += bench_stragglers(args.straggler_prompts, args.batch_size, args.straggler_adapter)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     table = Table(title=f"evaluate.py speed ({'GPU' if torch.cuda.is_available() else 'CPU'}, "
                         f"{torch.get_num_threads()} threads{load})")

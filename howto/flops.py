@@ -18,8 +18,10 @@ tests/test_flops.py checks these counts against torch's own FlopCounterMode on a
 MFU is the achieved model FLOP/s (useful tokens only, recomputation left out, as PaLM defines it) over the peak
 FLOP/s of the precision the run computes in; HFU counts the recomputation too. The peak is the GPU's rated dense
 figure for the GPUs below, and on a CPU a dense matmul of the same dtype measured on the spot, on the threads the
-run uses: a ratio taken on a busy machine is then partly robust, since both sides slow down. Padding tokens count
-as waste, apart: the hardware computes them, the model learns nothing from them.
+run uses: a ratio taken on a busy machine is then partly robust, since both sides slow down. Fully robust is the same
+ratio per second of CPU time the process got (the matmul's FLOPs per CPU-second against the training's), which the
+benchmark reports beside it. Padding tokens count as waste, apart: the hardware computes them, the model learns
+nothing from them.
 """
 from __future__ import annotations
 
@@ -85,19 +87,22 @@ def gpu_peak_flops(name: str, precision: str) -> float | None:
     return None
 
 
-def measured_peak_flops(precision: str, seconds: float = 1.0, size: int = PEAK_MATMUL_SIZE) -> float:
-    """The CPU's dense matmul rate in this dtype on torch's current threads, the best of short timed rounds."""
+def measured_peak_flops(precision: str, seconds: float = 1.0, size: int = PEAK_MATMUL_SIZE) -> tuple[float, float]:
+    """The CPU's dense matmul rate in this dtype on torch's current threads: the best of short timed rounds in
+    FLOP/s, and the FLOPs done per second of CPU time the process got (what a busy machine does not change)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     torch.mm(a, b)  # warm-up: the kernel's first call picks its blocking and packs buffers
-    best, deadline = 0.0, time.perf_counter() + seconds
+    best, rounds, cpu_start = 0.0, 0, time.process_time()
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
+        rounds += 1
+    return best, 2 * size**3 * rounds / max(time.process_time() - cpu_start, 1e-9)
 
 
 def peak_flops(precision: str) -> tuple[float | None, str]:
@@ -108,7 +113,7 @@ def peak_flops(precision: str) -> tuple[float | None, str]:
         name = torch.cuda.get_device_name(0)
         peak = gpu_peak_flops(name, precision)
         return peak, f"{name} rated {precision} peak" if peak else f"{name}: no rated peak known"
-    return measured_peak_flops(precision), f"{precision} matmul measured on {torch.get_num_threads()} thread(s)"
+    return measured_peak_flops(precision)[0], f"{precision} matmul measured on {torch.get_num_threads()} thread(s)"
 
 
 def watch_batches(model: Any) -> list[dict[str, Any]]:

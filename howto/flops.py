@@ -29,7 +29,7 @@ import re
 import time
 from typing import Any, Sequence
 
-from howto.preflight import Architecture
+from howto.preflight import Architecture, architecture, estimate_memory
 
 # Rated dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets and architecture whitepapers:
 # T4 datasheet (65 FP16 mixed precision, 8.1 FP32); A100 datasheet (312 BF16/FP16, 19.5 FP32); H100 datasheet
@@ -172,3 +172,27 @@ def cpu_plan() -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "reason": f"CPU ({torch.backends.cpu.get_cpu_capability()}) "
                       + ("with native bfloat16" if bf16 else "without native bfloat16: float32")}
+
+
+def checkpointing_needed(model: str, args: Any, precision: str) -> tuple[bool, str]:
+    """Whether to turn gradient checkpointing on, and why. It recomputes every layer's forward pass in the backward
+    pass (about a third more FLOPs a token for LoRA), which pays only where keeping every layer's activations would
+    not fit. On a GPU it stays on: the 7B-on-a-T4 recipe needs it, and Unsloth's offloaded variant costs little there.
+    On a CPU it is off when preflight's estimate of a step without it (at --batch-size x --max-seq-length, doubled in
+    float32) takes under half the memory available now: always for a 135M model, not for a 7B one."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return True, "on (GPU: activations of every layer would not fit a 7B run on a T4)"
+    arch, source = architecture(model)
+    if arch is None:
+        return True, f"on (memory not estimated: {source})"
+    parts = estimate_memory(arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
+                            batch_size=args.batch_size, seq_len=args.max_seq_length, checkpointing="off",
+                            fused=False, optimizer_bytes=8)
+    need = (sum(parts.values()) - parts["CUDA context and workspace"]) * (2 if precision == "fp32" else 1)
+    available = psutil.virtual_memory().available
+    if need < available / 2:
+        return False, f"off (a step without it needs about {need / 1e9:.1f} GB of {available / 1e9:.1f} GB available)"
+    return True, f"on (a step without it would need about {need / 1e9:.1f} GB of {available / 1e9:.1f} GB available)"

@@ -93,3 +93,25 @@ def test_cpu_peak_is_measured_and_plausible():
     assert 1e8 < best < 1e14
     assert 1e8 < per_cpu_second < best * 1.5
     assert per_cpu_second * torch.get_num_threads() > best * 0.2
+
+
+def test_checkpointing_only_where_memory_needs_it(monkeypatch, smollm2_model):
+    """Off for SmolLM2 on a CPU with memory to spare, on when the memory available would not hold a step without it,
+    on for any model on a GPU; the estimate is preflight's, at --batch-size x --max-seq-length."""
+    import argparse
+    from collections import namedtuple
+
+    import psutil
+    import torch
+
+    args = argparse.Namespace(load_in_4bit=False, lora_r=16, target_modules=TARGETS, batch_size=8, max_seq_length=384)
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(16e9))
+    assert flops.checkpointing_needed(smollm2_model, args, "fp32")[0] is False
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(8e9))
+    on, why = flops.checkpointing_needed(smollm2_model, args, "fp32")
+    assert on and "GB" in why
+    assert flops.checkpointing_needed(smollm2_model, args, "bf16")[0] is False  # half the bytes of fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert flops.checkpointing_needed(smollm2_model, args, "bf16")[0] is True

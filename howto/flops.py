@@ -162,16 +162,37 @@ def cpu_has_native_bf16() -> bool:
 
 def cpu_plan() -> dict[str, Any]:
     """Engine, precision, 4-bit and threads for training on this CPU, from what it supports and what
-    bench/train_bench.py measured (README, Benchmarks): on a CPU both engines run the same transformers model and the
-    same kernels, so the plain hf engine (no Unsloth import and patching) at the same speed; bf16 where the CPU has
-    it natively; no 4-bit, since bitsandbytes dequantizes every layer on every step on a CPU; one thread a core."""
+    bench/train_bench.py measured (README, Benchmarks): on a CPU both engines train the same transformers model with
+    the same kernels, at the same speed within noise, so the plain hf engine (no Unsloth import and patching); bf16
+    where the CPU has it natively (more tokens/s than fp32 there); no 4-bit, since bitsandbytes dequantizes every
+    layer on every step on a CPU; torch's own thread count, one a core."""
     import torch
 
-    bf16 = cpu_has_native_bf16()
-    return {"engine": "hf", "precision": "bf16" if bf16 else "fp32", "four_bit": False,
-            "threads": torch.get_num_threads(),
-            "reason": f"CPU ({torch.backends.cpu.get_cpu_capability()}) "
-                      + ("with native bfloat16" if bf16 else "without native bfloat16: float32")}
+    precision, reason = cpu_precision()
+    return {"engine": "hf", "precision": precision, "four_bit": False, "threads": torch.get_num_threads(),
+            "reason": reason}
+
+
+def cpu_precision() -> tuple[str, str]:
+    """bf16 where the CPU computes it natively, else fp32, and why (the CPU's kernel level as torch reports it)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if cpu_has_native_bf16():
+        return "bf16", f"CPU ({capability}) with native bfloat16, faster than float32 in bench/train_bench.py"
+    return "fp32", f"CPU ({capability}) without native bfloat16, which torch would emulate: float32"
+
+
+def run_usage(model: Any, batches: list[dict[str, Any]], seconds: float, args: Any, precision: str) -> dict[str, Any]:
+    """A finished run's achieved FLOP/s, MFU and padding waste for its run_info.json and summary: the batches
+    watch_batches saw, over the training time without evaluations, against the peak measured or rated now."""
+    peak, source = peak_flops(precision)
+    use = usage(Architecture.from_config(model.config.to_dict()), batches, seconds, args.lora_r, args.target_modules,
+                bool(getattr(model, "is_gradient_checkpointing", False)), peak)
+    return {"train_tflops_per_s": round(use["flops_per_s"] / 1e12, 4),
+            "peak_tflops_per_s": round(peak / 1e12, 4) if peak else None, "peak_source": source,
+            "mfu": None if use["mfu"] is None else round(use["mfu"], 4),
+            "padding_waste": round(use["padding_waste"], 4)}
 
 
 def checkpointing_needed(model: str, args: Any, precision: str) -> tuple[bool, str]:

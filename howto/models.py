@@ -269,8 +269,9 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
 
 
 # Notices that are not the toolkit's: torch's _pytree deprecation note when torchao registers its enums (imported by
-# peft and TRL), mistral-common's choice between two tokenizer files, bitsandbytes' optional CPU kernels package.
-QUIET_LOGGERS = ("torch.utils._pytree", "mistral_common", "bitsandbytes")
+# peft and TRL), mistral-common's choice between two tokenizer files, bitsandbytes' optional CPU kernels package,
+# transformers' note that it ignores SmolLM2's clean_up_tokenization_spaces (a setting for WordPiece, not BPE).
+QUIET_LOGGERS = ("torch.utils._pytree", "mistral_common", "bitsandbytes", "transformers.tokenization_utils_tokenizers")
 HIDDEN_BARS = ("Loading weights",)
 
 

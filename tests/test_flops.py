@@ -115,3 +115,50 @@ def test_checkpointing_only_where_memory_needs_it(monkeypatch, smollm2_model):
     assert flops.checkpointing_needed(smollm2_model, args, "bf16")[0] is False  # half the bytes of fp32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert flops.checkpointing_needed(smollm2_model, args, "bf16")[0] is True
+
+
+def test_batches_of_similar_lengths_keep_the_loss_mask_and_cut_padding(tmp_path):
+    """finetune.py's trainer draws batches of similar lengths (TRL/transformers' group_by_length): in every batch its
+    own dataloader makes, the prompt and the padding are masked out of the loss and every assistant token is in it,
+    and less of each batch is padding than in random order."""
+    import torch
+    from test_finetune import TINY, TRAIN_APPS, VAL_APPS, build_trainer, howto_records, write_split
+
+    data = tmp_path / "data"
+    records = howto_records(TRAIN_APPS)
+    for i, record in enumerate(records):  # lengths that differ enough for the order to matter
+        record["response"] = record["response"] + [f"Check step {j} again" for j in range(i % 7)]
+    write_split(data, "train", records)
+    write_split(data, "val", howto_records(VAL_APPS)[:4])
+    trainer, _ = build_trainer(["--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf",
+                                        "--batch-size", "4"])
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    masks = {tuple(r["input_ids"]): r["completion_mask"] for r in trainer.train_dataset}
+
+    def waste(loader) -> float:
+        batches = [{"lengths": b["attention_mask"].sum(dim=1).tolist(), "computed": b["input_ids"].numel()}
+                   for b in loader]
+        return flops.padding_waste([n for b in batches for n in b["lengths"]], sum(b["computed"] for b in batches))
+
+    seen = 0
+    for batch in trainer.get_train_dataloader():
+        for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+            n = int(attention.sum())
+            mask = torch.tensor(masks[tuple(ids[:n].tolist())])
+            assert torch.equal(labels[:n], torch.where(mask.bool(), ids[:n], -100))  # prompt out, every step in
+            assert (labels[n:] == -100).all() and (attention[n:] == 0).all()  # padding never trained
+            seen += 1
+    assert seen == len(trainer.train_dataset)
+    grouped = waste(trainer.get_train_dataloader())
+    trainer.args.train_sampling_strategy = "random"
+    assert grouped < waste(trainer.get_train_dataloader())
+
+
+@pytest.mark.parametrize("flags, precision", [({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+                                              ({"avx2", "amx_bf16"}, "bf16"), ({"avx2", "fma"}, "fp32"), (set(), "fp32")])
+def test_cpu_precision_follows_native_bf16(monkeypatch, flags, precision):
+    """bf16 only where the CPU has it in hardware (an AVX2-only EPYC trains in fp32); the plan never picks 4-bit."""
+    monkeypatch.setattr(flops, "cpu_flags", lambda: flags)
+    assert flops.cpu_precision()[0] == precision
+    plan = flops.cpu_plan()
+    assert plan["precision"] == precision and plan["four_bit"] is False and plan["engine"] == "hf"

@@ -47,7 +47,8 @@ def torch_count(model, batch: int, length: int) -> int:
 def test_training_flops_match_torchs_count(checkpointing):
     model, config = lora_model(checkpointing)
     counted = torch_count(model, batch=2, length=96)
-    ours = flops.training_flops(Architecture.from_config(config.to_dict()), [96, 96], RANK, TARGETS, checkpointing=checkpointing)
+    arch = Architecture.from_config(config.to_dict())
+    ours = flops.training_flops(arch, [96, 96], RANK, TARGETS, checkpointing=checkpointing)
     assert ours == pytest.approx(counted, rel=0.02)
 
 
@@ -56,9 +57,10 @@ def test_lora_on_some_projections_and_a_longer_sequence():
     targets = ["q_proj", "v_proj"]
     model, config = lora_model(checkpointing=False, targets=targets)
     counted = torch_count(model, batch=1, length=200)
-    ours = flops.training_flops(Architecture.from_config(config.to_dict()), [200], RANK, targets)
+    arch = Architecture.from_config(config.to_dict())
+    ours = flops.training_flops(arch, [200], RANK, targets)
     assert ours == pytest.approx(counted, rel=0.02)
-    shorter = flops.training_flops(Architecture.from_config(config.to_dict()), [100, 100], RANK, targets)
+    shorter = flops.training_flops(arch, [100, 100], RANK, targets)
     assert shorter < ours  # same tokens, half the attention context
 
 
@@ -154,8 +156,8 @@ def test_batches_of_similar_lengths_keep_the_loss_mask_and_cut_padding(tmp_path)
     assert grouped < waste(trainer.get_train_dataloader())
 
 
-@pytest.mark.parametrize("flags, precision", [({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
-                                              ({"avx2", "amx_bf16"}, "bf16"), ({"avx2", "fma"}, "fp32"), (set(), "fp32")])
+@pytest.mark.parametrize("flags, precision", [({"avx2", "avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                              ({"avx2", "fma"}, "fp32"), (set(), "fp32")])
 def test_cpu_precision_follows_native_bf16(monkeypatch, flags, precision):
     """bf16 only where the CPU has it in hardware (an AVX2-only EPYC trains in fp32); the plan never picks 4-bit."""
     monkeypatch.setattr(flops, "cpu_flags", lambda: flags)

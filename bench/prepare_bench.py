@@ -6,7 +6,7 @@
     python bench/prepare_bench.py --leak-check ../shared/data/bitext_records.jsonl
 
 The first runs `prepare_data.py` on N records with a wide vocabulary (made-up words and app names), a share of
-exact duplicates, near-duplicate paraphrases and planted PII, then on 2N, and prints the seconds of each stage
+exact duplicates, near-duplicate paraphrases and planted PII, then on 2N others, and prints the seconds of each stage
 (prepare_data's own stopwatch, from run_info.json) and of the whole command, to show throughput and how it scales.
 
 --template runs it on N template-style records, the kind augmentation and synthetic sets produce: one question
@@ -231,10 +231,11 @@ def mixed_groups(records: list[dict], threshold: float) -> tuple[int, int]:
 
 
 def bench_scaling(args: argparse.Namespace, console: Console) -> None:
-    """Wide synthetic data at N and 2N: throughput per stage and how the time grows."""
+    """Wide synthetic data at N and 2N: throughput per stage and how the time grows. The 2N records come from the
+    next seed: with the same one, half of them would find their token lengths in prepare_data's cache."""
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {f"{n:,}": run_prepare(synthetic_records(n, args.seed), Path(tmp), args, f"wide-{n}")
-                for n in (args.n, 2 * args.n)}
+        runs = {f"{n:,}": run_prepare(synthetic_records(n, args.seed + k), Path(tmp), args, f"wide-{n}")
+                for k, n in enumerate((args.n, 2 * args.n))}
     n = {f"{k:,}": k for k in (args.n, 2 * args.n)}
     console.print(stage_table(f"prepare_data.py on N={args.n:,} and 2N={2 * args.n:,} synthetic records", runs, n))
     small, large = (run["seconds"] for run in runs.values())

@@ -60,7 +60,6 @@ def _secret_url(candidate: str, before: str = "") -> str | None:
     return None
 
 
-
 # --- IBANs: country code, check digits, then the national account number, spaces every 4 characters allowed -
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 # IBAN length per country, from the SWIFT IBAN registry.

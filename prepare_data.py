@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import track
 
 from howto.augment import augment
-from howto.chat import encode_example
+from howto.chat import example_lengths
 from howto.collect import DOCUMENT_SUFFIXES, collect_inputs
 from howto.dedup import deduplicate
 from howto.llm import ChatClient, LLMError
@@ -49,8 +49,8 @@ from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
 from howto.prepare_report import MAX_LISTED, plot_distributions, print_summary, render_report
 from howto.records import SUFFIXES, Raw, RecordError, read_records, to_record
 from howto.review import write_review
-from howto.runio import (RunError, atomic_dir, check_out_dir, library_versions, parse_args, positive_int, write_json,
-                         write_jsonl, write_run_info)
+from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, library_versions, parse_args,
+                         positive_int, write_json, write_jsonl, write_run_info)
 
 SPLITS = ("train", "val", "test")
 OUTPUTS = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "report.md", "distributions.png", "config.yaml",
@@ -431,7 +431,7 @@ def measure_tokens(items: list[Item], args: argparse.Namespace) -> tuple[list[It
     """Token lengths in the canonical chat format that finetune.py trains on (howto.chat.encode_example), with
     overlong records dropped or cut: the length policy is decided here, and finetune.py only checks it."""
     counter = TokenCounter(args.model)
-    lengths = [counter.length(item.record["prompt"], item.record["response"]) for item in progress(items, "tokenize")]
+    lengths = counter.lengths([(item.record["prompt"], item.record["response"]) for item in items])
     over_limit = sum(length > args.max_seq_length for length in lengths)
     tokens = {"model": args.model, "max": max(lengths), "p95": percentile(lengths, 95),
               "mean": round(statistics.fmean(lengths), 1), "max_seq_length": args.max_seq_length,
@@ -451,7 +451,10 @@ def measure_tokens(items: list[Item], args: argparse.Namespace) -> tuple[list[It
 class TokenCounter:
     """Token lengths of conversations, remembered between runs (in the model cache, per tokenizer, library versions
     and chat format): importing transformers and loading a tokenizer take seconds, so a rerun that knows every
-    length loads no tokenizer at all, and a new record costs one encoding."""
+    length loads no tokenizer at all, and new records are encoded together in one batch (howto.chat.example_lengths,
+    the lengths of encode_example). The cache keeps the lengths of the latest runs, at most MAX_CACHED of them."""
+
+    MAX_CACHED = 300_000
 
     def __init__(self, model: str):
         from howto import chat, models
@@ -464,23 +467,30 @@ class TokenCounter:
             identity.update(file.read_bytes())
         self.path = models.cache_dir() / "token-lengths" / f"{identity.hexdigest()[:32]}.json"
         self.known: dict[str, int] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.used: dict[str, int] = {}
         self.added = 0
         self.tokenizer: Any = None
 
-    def length(self, prompt: str, steps: list[str]) -> int:
-        key = hashlib.sha1(json.dumps([prompt, steps], ensure_ascii=False).encode()).hexdigest()
-        if key not in self.known:
+    def lengths(self, examples: list[tuple[str, list[str]]]) -> list[int]:
+        keys = [hashlib.blake2b(json.dumps(example, ensure_ascii=False).encode(), digest_size=16).hexdigest()
+                for example in examples]
+        new = {key: example for key, example in zip(keys, examples) if key not in self.known}
+        if new:
             if self.tokenizer is None:
                 from howto.models import load_tokenizer
 
                 self.tokenizer = load_tokenizer(self.model)
-            self.known[key] = len(encode_example(self.tokenizer, prompt, steps)["input_ids"])
-            self.added += 1
-        return self.known[key]
+            self.known.update(zip(new, example_lengths(self.tokenizer, list(new.values()))))
+            self.added += len(new)
+        for key in keys:
+            self.used[key] = self.known[key]
+        return [self.known[key] for key in keys]
 
     def save(self) -> None:
+        """This run's lengths first, then older ones up to MAX_CACHED; compact JSON, which loads and writes fast."""
         if self.added:
-            write_json(self.path, self.known)
+            kept = dict(list({**self.used, **self.known}.items())[:self.MAX_CACHED])
+            atomic_write_text(self.path, json.dumps(kept, separators=(",", ":")))
 
 
 def enforce_max_length(items: list[Item], lengths: list[int], counter: TokenCounter, max_length: int,
@@ -501,7 +511,7 @@ def enforce_max_length(items: list[Item], lengths: list[int], counter: TokenCoun
             steps = list(item.record["response"])
             while len(steps) > 2 and length > max_length:
                 steps.pop()
-                length = counter.length(item.record["prompt"], steps)
+                length = counter.lengths([(item.record["prompt"], steps)])[0]
             if length <= max_length:
                 entry.update(action=f"truncated to {len(steps)} steps, {length} tokens")
                 item.record = {**item.record, "response": steps}

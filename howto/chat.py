@@ -6,6 +6,7 @@ question in exactly the form it was trained on.
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -137,6 +138,69 @@ def encode_example(tokenizer: Any, prompt: str, steps: list[str]) -> dict[str, l
         full = _strip_trailing_after_eos(tokenizer, full)
     mask = [0] * len(head) + [1] * (len(full) - len(head))
     return {"input_ids": full, "completion_mask": mask}
+
+
+def example_lengths(tokenizer: Any, examples: list[tuple[str, list[str]]]) -> list[int]:
+    """`len(encode_example(tokenizer, prompt, steps)["input_ids"])` of each (prompt, steps), the same numbers in
+    batches: encoding records one at a time spends most of its time in wrappers, not in the tokenizer.
+
+    Mistral (mistral-common): a conversation is a fixed frame of special tokens ([BOS] [INST] ... [/INST] ... </s>)
+    around two texts encoded on their own, the system prompt joined to the question, and the rendered steps
+    (mistral-common's instruct tokenizer and encode_example build it so); only those texts are encoded, each
+    distinct one once, in a multi-threaded SentencePiece batch. The frame's size is read off encode_example, and
+    examples spread over the batch are checked against it: a tokenizer whose format differs goes record by record.
+    Other tokenizers render and encode the conversations through their chat template, a batch at a time.
+    """
+    if not examples:
+        return []
+    if is_mistral_common(tokenizer):
+        lengths = _mistral_lengths(tokenizer, examples)
+        checked = range(0, len(examples), max(1, len(examples) // _CHECKED))
+        if lengths is not None and all(lengths[i] == _slow_length(tokenizer, *examples[i]) for i in checked):
+            return lengths
+        return [_slow_length(tokenizer, prompt, steps) for prompt, steps in examples]
+    return [n for start in range(0, len(examples), _BATCH) for n in
+            _template_lengths(tokenizer, examples[start:start + _BATCH])]
+
+
+_CHECKED = 32  # examples of a batch compared with encode_example itself
+_BATCH = 512  # conversations a chat template renders and encodes at once
+
+
+def _slow_length(tokenizer: Any, prompt: str, steps: list[str]) -> int:
+    return len(encode_example(tokenizer, prompt, steps)["input_ids"])
+
+
+def _mistral_lengths(tokenizer: Any, examples: list[tuple[str, list[str]]]) -> list[int] | None:
+    """Frame + encoded question + encoded steps; None for a tokenizer that does not encode its texts this way."""
+    raw = getattr(getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None), "tokenizer", None)
+    if raw is None:
+        return None
+    heads = [f"{SYSTEM_PROMPT}\n\n{prompt.strip()}" for prompt, _ in examples]
+    tails = [render_steps(steps) for _, steps in examples]
+    texts = list(dict.fromkeys(heads + tails))
+    model = getattr(raw, "_model", None)  # mistral-common's SentencePieceTokenizer.encode is model.encode(text)
+    if type(model).__name__ == "SentencePieceProcessor":
+        encoded = model.encode(texts, num_threads=len(os.sched_getaffinity(0)))
+    else:
+        encoded = [raw.encode(text, bos=False, eos=False) for text in texts]
+    size = {text: len(ids) for text, ids in zip(texts, encoded)}
+    frame = _slow_length(tokenizer, *examples[0]) - size[heads[0]] - size[tails[0]]
+    return [frame + size[head] + size[tail] for head, tail in zip(heads, tails)]
+
+
+def _template_lengths(tokenizer: Any, examples: list[tuple[str, list[str]]]) -> list[int]:
+    """encode_example's lengths through a chat template, each batch rendered and encoded in one call."""
+    heads = _ids(tokenizer.apply_chat_template([to_messages(prompt) for prompt, _ in examples],
+                                               add_generation_prompt=True, tokenize=True))
+    fulls = _ids(tokenizer.apply_chat_template([to_messages(prompt, steps) for prompt, steps in examples],
+                                               tokenize=True))
+    lengths = []
+    for head, full in zip(heads, fulls):
+        if list(full[: len(head)]) != list(head):
+            raise ValueError("the chat template renders the prompt differently with and without an answer")
+        lengths.append(len(_strip_trailing_after_eos(tokenizer, list(full))))
+    return lengths
 
 
 def _strip_trailing_after_eos(tokenizer: Any, ids: list[int]) -> list[int]:

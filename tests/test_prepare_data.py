@@ -377,6 +377,40 @@ def test_overlong_records_can_be_truncated_by_whole_steps(tmp_path, tokenizer):
     assert action.startswith(f"truncated to {len(long['response'])} steps")
 
 
+VARIED_EXAMPLES = [
+    ("How do I log out?", ["Open settings", "Tap 'Log out'"]),
+    ("  how   do i    reset\tmy  password  ", ["open   the   app", "  tap    forgot   password  ", "done\t\tnow"]),
+    ("Comment réinitialiser mon café-crème ? Ünïcödé ß", ["Öffne die App", "Appuyez sur « Réglages »", "完成设置"]),
+    ("Bagaimana cara ganti nomor HP 😀 di aplikasi?", ["Buka aplikasi 😀😀", "Pilih menu → Akun", "Simpan…"]),
+    ("what is [EMAIL] and [INST] doing here [/INST]?", ["send to [EMAIL]", "call [PHONE]", "</s> is text here"]),
+    ("long steps", [" ".join(f"word{k} and   more,  text;" for k in range(120)), "x" * 900, "1. 2. 3.\n\n\n4."]),
+    ("How do I log out?", ["Open settings", "Tap 'Log out'", "Confirm"]),
+    ("tabs\tand\nnewlines\r\ninside", ["a\n\nb", "   ", "c"]),
+]
+
+
+@pytest.mark.parametrize("which", ["mistral", "smollm2"])
+def test_batched_token_lengths_equal_encode_example(which, mistral_tokenizer, smollm2_model):
+    from howto import chat
+    from howto.chat import example_lengths
+    from howto.models import load_tokenizer
+
+    tokenizer = mistral_tokenizer if which == "mistral" else load_tokenizer(smollm2_model)
+    examples = VARIED_EXAMPLES * 5 + [(f"question {k}{' ' * k}?", [f"step {k} " * k, "last"]) for k in range(40)]
+    expected = [len(encode_example(tokenizer, prompt, steps)["input_ids"]) for prompt, steps in examples]
+    assert example_lengths(tokenizer, examples) == expected
+    if which == "mistral":  # the batched SentencePiece path itself, not the record-by-record fallback
+        assert chat._mistral_lengths(tokenizer, examples) == expected
+
+
+def test_a_mistral_tokenizer_of_another_format_falls_back_to_encode_example(monkeypatch, mistral_tokenizer):
+    from howto import chat
+
+    monkeypatch.setattr(chat, "_mistral_lengths", lambda tokenizer, examples: [1] * len(examples))
+    assert chat.example_lengths(mistral_tokenizer, VARIED_EXAMPLES) == [
+        len(encode_example(mistral_tokenizer, prompt, steps)["input_ids"]) for prompt, steps in VARIED_EXAMPLES]
+
+
 def test_token_lengths_are_remembered_so_a_rerun_loads_no_tokenizer(tmp_path, monkeypatch, tokenizer):
     import howto.models
 

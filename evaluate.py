@@ -430,9 +430,12 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
             began = time.perf_counter()
             answers = generate([ex["prompt"] for ex in batch])
             seconds = (time.perf_counter() - began) / len(batch)
-            for ex, (text, n_tokens) in zip(batch, answers, strict=True):
+            # Decoding steps: an answer's own (its tokens and its end), and its batch's, which every row waits out.
+            steps = [min(n_tokens + 1, args.max_new_tokens) for _, n_tokens in answers]
+            for ex, (text, n_tokens), own in zip(batch, answers, steps, strict=True):
                 row = {**ex, "output": text, "steps": parse_steps(text), "n_tokens": n_tokens,
-                       "seconds": round(seconds, 4), "settings_hash": key}
+                       "seconds": round(seconds, 4), "decode_steps": own, "batch_steps": max(steps),
+                       "settings_hash": key}
                 cache[prompt_key(ex["prompt"])] = row
                 f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
             f.flush()
@@ -503,9 +506,16 @@ def summarise(table: Table) -> dict[str, Any]:
     if tokens and seconds:
         generation = {"tokens": int(sum(tokens)), "seconds": round(float(sum(seconds)), 3),
                       "tokens_per_second": round(sum(tokens) / sum(seconds), 2) if sum(seconds) else None,
-                      "mean_tokens": round(sum(tokens) / len(tokens), 1)}
+                      "mean_tokens": round(sum(tokens) / len(tokens), 1),
+                      "useful_share": _useful_share(rows)}
     return {"n_examples": len(rows), "means": means, "n_defined": defined,
             "format_failures": sum(1 - r["format_valid"] for r in rows), "generation": generation}
+
+
+def _useful_share(rows: list[dict[str, Any]]) -> float | None:
+    """The answers' own decoding steps over the steps their batches ran: what stragglers and padding cost."""
+    timed = [r for r in rows if r.get("batch_steps")]
+    return round(sum(r["decode_steps"] for r in timed) / sum(r["batch_steps"] for r in timed), 3) if timed else None
 
 
 def breakdown(table: Table, key: str) -> dict[str, dict[str, Any]]:

@@ -182,11 +182,12 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
         blocks += forgetting_blocks(metrics["forgetting"])
 
     gen = [[n, fmt(s["generation"]["tokens"]), fmt(s["generation"]["mean_tokens"], 1),
-            fmt(s["generation"]["seconds"], 1), fmt(s["generation"]["tokens_per_second"], 1)]
+            fmt(s["generation"]["seconds"], 1), fmt(s["generation"]["tokens_per_second"], 1),
+            fmt(s["generation"].get("useful_share"), 2)]
            for n, s in metrics["systems"].items() if s["generation"]]
     if gen:
-        blocks += [("h2", "Generation"), ("table", ["System", "tokens", "tokens per answer", "seconds",
-                                                    "tokens/s"], gen)]
+        blocks += [("h2", "Generation"), ("table", ["System", "tokens", "tokens per answer", "seconds", "tokens/s",
+                                                    "useful share of batch steps"], gen)]
     blocks += settings_blocks(settings)
     blocks += [("h2", "Definitions"), ("list", DEFINITIONS), ("h2", "Plots")]
     for name, data in plots.items():

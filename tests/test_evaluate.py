@@ -238,6 +238,8 @@ def test_generation_end_to_end_and_cache_reuse(tiny_model, tiny_adapter, tmp_pat
             assert 0 < row["n_tokens"] <= 12 and row["seconds"] > 0
         predictions[name] = rows
         assert metrics["systems"][name]["generation"]["tokens"] == sum(r["n_tokens"] for r in rows)
+        # Random weights never end an answer: every row uses every step of its batch.
+        assert metrics["systems"][name]["generation"]["useful_share"] == 1.0
     assert [r["output"] for r in predictions["base"]] != [r["output"] for r in predictions["finetuned"]]
     assert metrics["settings"]["generation"]["systems"][1]["adapter"] == str(tiny_adapter)
     probe = metrics["forgetting"]

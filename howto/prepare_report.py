@@ -67,6 +67,9 @@ def render_report(stats: dict[str, Any]) -> str:
     lines.append(f"- near-duplicate groups (Jaccard >= {dedup['near_duplicate_threshold']}): "
                  f"{dedup['near_duplicate_groups']} groups, {dedup['records_in_near_duplicate_groups']} records, "
                  "each group kept whole in one split")
+    lines.append(f"- groups joined to another in the split by a near-copy prompt (Jaccard >= "
+                 f"{dedup['near_copy_threshold']}) or the same answer: {dedup['groups_joined_by_near_copies']}; "
+                 f"largest split unit: {dedup['largest_split_unit']} records")
     for group in dedup["groups"]:
         lines.append("  - " + " | ".join(f"\"{m['prompt']}\" ({m['origin']})" for m in group))
     lines += ["", "## Balance and diversity", "",

@@ -19,7 +19,8 @@ import yaml
 
 TRACKED_PACKAGES = (
     "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo",
-    "xformers", "bert-score", "mistral-common", "llama-cpp-python", "gguf", "rich", "datasketch",
+    "xformers", "bert-score", "mistral-common", "llama-cpp-python", "gguf", "rich", "scipy",
+    "numpy", "sentencepiece", "phonenumbers",
 )
 
 

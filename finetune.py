@@ -43,7 +43,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from howto import chat, models, preflight, trainlog
+from howto import chat, flops, models, preflight, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     announce_model(args)
     if not args.dry_run:
         import_engine(args.engine)
+        models.hide_loading_bars()
     base_path = models.resolve_model(args.model)
     check = Console(record=True, quiet=console.quiet)  # what the preflight prints also goes to OUT/preflight.txt
     preflight.check_memory(base_path, args, check)  # before anything is downloaded
@@ -334,7 +335,7 @@ def sharded_launch() -> bool:
                for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
-def load_unsloth(args: argparse.Namespace, path: str, precision: str) -> Any:
+def load_unsloth(args: argparse.Namespace, path: str, precision: str, checkpointing: bool) -> Any:
     """FastLanguageModel in 4-bit (Unsloth's pre-quantized repo for the default Mistral: no 15 GB download)."""
     from unsloth import FastLanguageModel
 
@@ -345,12 +346,13 @@ def load_unsloth(args: argparse.Namespace, path: str, precision: str) -> Any:
     )
     return FastLanguageModel.get_peft_model(
         model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules, bias="none", use_gradient_checkpointing="unsloth",
+        target_modules=args.target_modules, bias="none",
+        use_gradient_checkpointing="unsloth" if checkpointing else False,
         random_state=args.seed, max_seq_length=args.max_seq_length,
     )
 
 
-def load_hf(args: argparse.Namespace, path: str, precision: str) -> Any:
+def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: bool) -> Any:
     """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper), full precision on a CPU."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -367,12 +369,11 @@ def load_hf(args: argparse.Namespace, path: str, precision: str) -> Any:
     if cuda and not sharded_launch():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    checkpointing = {"use_reentrant": False}
     if four_bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules, bias="none", task_type="CAUSAL_LM")
@@ -383,7 +384,9 @@ def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
     import transformers
 
     transformers.set_seed(args.seed)
-    model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision)
+    checkpointing, why = flops.checkpointing_needed(path, args, precision)
+    console.print(f"gradient checkpointing {why}")
+    model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision, checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}: {trainable:,} trainable parameters")
     return model
@@ -434,6 +437,7 @@ def sft_config_kwargs(args: argparse.Namespace, out_dir: Path, precision: str, e
         logging_steps=min(10, max(1, epoch_steps // 4)), report_to=args.report_to,
         include_num_input_tokens_seen="non_padding",
         max_length=args.max_seq_length, packing=args.packing, completion_only_loss=True,
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding, same loss mask
         # Both loaders already switched on their own gradient checkpointing (Unsloth's offloaded one for Unsloth);
         # the Trainer must not wrap the model a second time.
         gradient_checkpointing=False,
@@ -549,7 +553,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         raise RunError(f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to continue "
                        "it, or choose another --out")
 
-    precision, why = choose_precision(args.engine)
+    precision, why = choose_precision(args.engine) if torch.cuda.is_available() else flops.cpu_precision()
     console.print(f"precision: [bold]{precision}[/] ({why})")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -569,6 +573,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         resumed = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         history_before, tokens_before = len(resumed.log_history), resumed.num_input_tokens_seen
         info["resumed_from_step"] = resumed.global_step
+    batches = flops.watch_batches(model)  # lengths and padding, for MFU and padding waste
     start = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -593,6 +598,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         "wall_time_s": round(wall, 2),
         "train_tokens": int(tokens),
         "train_tokens_per_s": round(tokens / max(wall - eval_time, 1e-9), 1),
+        **flops.run_usage(model, batches, max(wall - eval_time, 1e-9), args, precision),
         "world_size": trainer.args.world_size,
         "global_step": state.global_step,
         "max_steps": state.max_steps,
@@ -619,9 +625,13 @@ def print_summary(info: dict[str, Any], out_dir: Path) -> None:
     table.add_column("", style="bold")
     table.add_column("")
     for key in ("engine", "precision", "start_val_loss", "best_val_loss", "best_checkpoint", "stopped_early",
-                "global_step", "wall_time_s", "train_tokens_per_s", "peak_memory_gib"):
+                "global_step", "wall_time_s", "train_tokens_per_s", "train_tflops_per_s", "mfu", "padding_waste",
+                "peak_memory_gib"):
         value = info.get(key)
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key.endswith("val_loss") else str(value))
+        if isinstance(value, float) and key in ("mfu", "padding_waste"):
+            table.add_row(key, f"{value:.1%}" + (f" of {info['peak_source']}" if key == "mfu" else ""))
+        else:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key.endswith("val_loss") else str(value))
     console.print(table)
     if info.get("stopped_early"):
         console.print("Stopped early: the validation loss stopped improving (see loss.png).")

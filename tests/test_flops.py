@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from howto import flops
+from howto import chat, flops
 from howto.preflight import Architecture
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -132,10 +132,12 @@ def test_batches_of_similar_lengths_keep_the_loss_mask_and_cut_padding(tmp_path)
         record["response"] = record["response"] + [f"Check step {j} again" for j in range(i % 7)]
     write_split(data, "train", records)
     write_split(data, "val", howto_records(VAL_APPS)[:4])
-    trainer, _ = build_trainer(["--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf",
+    trainer, tokenizer = build_trainer(["--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf",
                                         "--batch-size", "4"])
     assert trainer.args.train_sampling_strategy == "group_by_length"
-    masks = {tuple(r["input_ids"]): r["completion_mask"] for r in trainer.train_dataset}
+    limit = trainer.args.max_length  # TINY's --max-seq-length cuts the longest records' last steps
+    encoded = [chat.encode_example(tokenizer, r["prompt"], r["response"]) for r in records]
+    masks = {tuple(e["input_ids"][:limit]): e["completion_mask"][:limit] for e in encoded}
 
     def waste(loader) -> float:
         batches = [{"lengths": b["attention_mask"].sum(dim=1).tolist(), "computed": b["input_ids"].numel()}

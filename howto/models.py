@@ -298,4 +298,13 @@ def hide_loading_bars() -> None:
     transformers_logging.set_tqdm_hook(hook)
 
 
+def passive_threads() -> None:
+    """OpenMP threads that sleep while they wait for each other (OMP_WAIT_POLICY=PASSIVE) unless the environment
+    chooses: with OpenMP's default they spin first, and beside one busy process training fell to a sixth of the
+    passive policy's speed in bench/train_bench.py (10 tokens/s against 60). OpenMP reads the variable when torch
+    loads, so this runs when this module is imported, before any script imports torch."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 quiet_libraries()
+passive_threads()

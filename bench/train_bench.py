@@ -11,8 +11,9 @@ Groups, each row a process of its own through finetune.py's loading and trainer 
   CPU computes bf16 natively); the 4-bit column says what was loaded, not what was asked for;
 - checkpointing: gradient checkpointing on (the recomputation costs a forward pass of every layer) and off;
 - batching: padded batches in random order (before) and batches of similar lengths (TRL's group_by_length);
-- threads: alone, then beside one busy process (a pure-Python loop on one core) with OpenMP's default wait policy
-  and torch's default threads (before), with OMP_WAIT_POLICY=PASSIVE, and with one thread fewer.
+- threads: alone with OpenMP's default wait policy, then beside one busy process (a pure-Python loop on one core)
+  with the default wait policy and torch's default threads (before), with OMP_WAIT_POLICY=PASSIVE, and with one
+  thread fewer.
 Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" row) in one thing only.
 
 The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
@@ -200,7 +201,8 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
         cases.append({**loop, "group": "batching", "label": "random order, padded (before)", "batching": "random"})
     if "threads" in groups:
         busy = {**loop, "group": "threads", "busy": True}
-        cases += [{**busy, "label": "busy core: default wait policy (before)", "wait_policy": None},
+        cases += [{**loop, "group": "threads", "label": "alone: default wait policy", "wait_policy": None},
+                  {**busy, "label": "busy core: default wait policy (before)", "wait_policy": None},
                   {**busy, "label": "busy core: OMP_WAIT_POLICY=PASSIVE"},
                   {**busy, "label": f"busy core: PASSIVE, {max(1, plan['threads'] - 1)} thread(s)",
                    "threads": max(1, plan["threads"] - 1)}]
@@ -231,9 +233,10 @@ def run_worker(case: dict[str, Any], model_path: str, options: argparse.Namespac
                model_path, "--batch-size", str(options.batch_size), "--steps", str(options.steps),
                "--warmup-steps", str(options.warmup_steps), "--seq-len", str(options.seq_len),
                *(["--full-size"] if options.full_size else [])]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    if case["wait_policy"]:
-        env["OMP_WAIT_POLICY"] = case["wait_policy"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    # An empty value is OpenMP's own default (it notes the value as invalid on stderr), and one that howto.models,
+    # which sets PASSIVE where the variable is unset, leaves alone.
+    env["OMP_WAIT_POLICY"] = case["wait_policy"] or ""
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if case["busy"] else None
     try:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)

@@ -302,7 +302,6 @@ def redact_items(items: list[Item]) -> dict[str, Any]:
 
 _APOSTROPHE = re.compile(r"(?<=\w)['\u2019](?=\w)")  # don't -> dont: one word, as a user types it
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
-_SPACES = re.compile(r"\s+")
 
 
 def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
@@ -313,7 +312,7 @@ def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = 
         pieces += [_normalize_piece(text[last:match.start()], lowercase, strip_punctuation), match.group()]
         last = match.end()
     pieces.append(_normalize_piece(text[last:], lowercase, strip_punctuation))
-    return _SPACES.sub(" ", "".join(pieces)).strip()
+    return " ".join("".join(pieces).split())  # str.split's whitespace is re's \s
 
 
 def _normalize_piece(text: str, lowercase: bool, strip_punctuation: bool) -> str:
@@ -326,7 +325,7 @@ def _normalize_piece(text: str, lowercase: bool, strip_punctuation: bool) -> str
 
 def has_words(text: str) -> bool:
     """Whether text says anything: a letter outside placeholders ("[EMAIL]", "1", "--" say nothing)."""
-    return any(c.isalpha() for c in PLACEHOLDER_RE.sub(" ", text))
+    return any(c.isalpha() for c in (PLACEHOLDER_RE.sub(" ", text) if "[" in text else text))
 
 
 def normalize_items(items: list[Item], lowercase: bool, strip_punctuation: bool) -> tuple[list[Item], dict]:

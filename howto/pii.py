@@ -298,12 +298,14 @@ def redact_record(record: dict) -> tuple[dict, Counter]:
     out = dict(record)
     if isinstance(record.get("prompt"), str):
         out["prompt"], found = redact(record["prompt"])
-        counts += found
+        if found:  # most texts have nothing to count, and adding an empty Counter costs as much as a full one
+            counts += found
     if isinstance(record.get("response"), list):
         out["response"] = []
         for step in record["response"]:
             if isinstance(step, str):
                 step, found = redact(step)
-                counts += found
+                if found:
+                    counts += found
             out["response"].append(step)
     return out, counts

@@ -181,7 +181,7 @@ def _mistral_lengths(tokenizer: Any, examples: list[tuple[str, list[str]]]) -> l
     texts = list(dict.fromkeys(heads + tails))
     model = getattr(raw, "_model", None)  # mistral-common's SentencePieceTokenizer.encode is model.encode(text)
     if type(model).__name__ == "SentencePieceProcessor":
-        encoded = model.encode(texts, num_threads=len(os.sched_getaffinity(0)))
+        encoded = model.encode(texts, num_threads=os.cpu_count() or 1)
     else:
         encoded = [raw.encode(text, bos=False, eos=False) for text in texts]
     size = {text: len(ids) for text, ids in zip(texts, encoded)}

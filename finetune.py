@@ -19,9 +19,10 @@ validation loss) with its tokenizer, checkpoints/, run_info.json, config.yaml, m
 
 Two engines load the model; everything after loading is one code path, TRL's SFTTrainer on the same pre-tokenized
 records (howto.chat.encode_example) with the loss on the answer only. `unsloth` (default): FastLanguageModel in
-4-bit with Unsloth's kernels and offloaded gradient checkpointing. `hf`: transformers + peft, the QLoRA paper's
-recipe (NF4 4-bit, paged 8-bit AdamW) on CUDA and full precision on a CPU; the benchmark's baseline and the engine
-for several GPUs under `accelerate launch`.
+4-bit with Unsloth's kernels. `hf`: transformers + peft, the QLoRA paper's recipe (NF4 4-bit, paged 8-bit AdamW) on
+CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
+(configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32 (howto.flops.cpu_plan). Gradient
+checkpointing is on where memory needs it (always on a GPU) and off where not (howto.flops.checkpointing_needed).
 """
 from __future__ import annotations
 

@@ -248,6 +248,7 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
     """
     from transformers import AutoModelForCausalLM
 
+    hide_loading_bars()
     cuda = has_cuda()
     four_bit = cuda if four_bit is None else four_bit
     kwargs: dict[str, Any] = {"dtype": compute_dtype()}

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from functools import cache
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,60 @@ def test_t4_profile_is_finetune_defaults_written_out():
     for dest, value in training.items():
         assert parser.get_default(dest) == value, f"t4.yaml {dest}={value!r}, finetune.py's default is " \
                                                   f"{parser.get_default(dest)!r}"
+
+
+def readme_value(cell: str) -> Any:
+    """A default as the README writes it, in the parser's terms: off/on as booleans, numbers as numbers, a
+    comma-separated list as a list; anything else (prose such as 'the GPU found') as the text itself."""
+    cell = cell.strip().strip("`")
+    if cell in ("off", "on"):
+        return cell == "on"
+    parts = cell.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return parts if len(parts) > 1 and " " not in cell else cell
+    return values if len(parts) > 1 else values[0]
+
+
+def parser_value(default: Any) -> Any:
+    """The parser's default in the same terms as readme_value."""
+    if isinstance(default, bool) or default is None:
+        return default
+    if isinstance(default, (int, float)):
+        return float(default)
+    if isinstance(default, (list, tuple)) and not default:
+        return "none"
+    if isinstance(default, (list, tuple)):
+        return [float(v) if isinstance(v, (int, float)) else str(v) for v in default]
+    default = str(default)
+    return readme_value(default.removeprefix(f"{ROOT}/"))  # a bundled file's path, as the README writes it
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_readme_defaults_are_the_parsers_defaults(script):
+    """A flag table's default column says what the parser does: a number, a switch or a literal written there is
+    the parser's own default. Prose defaults (`$OPENAI_MODEL`, 'from the run') stand for a None default resolved at
+    run time, and 'required' for a required flag."""
+    actions = {s: a for a in script_parser(script)._actions for s in a.option_strings}
+    rows = [line.split("|") for line in section(README, f"### {script}.py").splitlines() if line.startswith("| `--")]
+    checked = 0
+    for row in rows:
+        cell = row[2].strip()
+        for flag in FLAG.findall(row[1]):
+            action = actions[flag]
+            if flag.startswith("--no-") and isinstance(action, argparse.BooleanOptionalAction):
+                continue  # the row's first flag speaks for the pair
+            default, documented = parser_value(action.default), readme_value(cell)
+            if cell == "required":
+                assert action.required or action.default is None, \
+                    f"{script}.py {flag}: README says required, the parser has a default"  # None: checked later
+            elif isinstance(default, (bool, float, list)) or isinstance(documented, (bool, float, list)):
+                assert documented == default, f"{script}.py {flag}: README's default {cell!r}, parser's " \
+                                              f"{action.default!r}"
+                checked += 1
+            elif default is not None and " " not in cell and not cell.startswith(("`$", "$")):
+                assert documented == default, f"{script}.py {flag}: README's default {cell!r}, parser's " \
+                                              f"{action.default!r}"
+                checked += 1
+    assert checked >= len(rows) // 2, f"{script}.py: too few literal defaults checked ({checked} of {len(rows)})"

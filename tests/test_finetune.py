@@ -212,15 +212,14 @@ def test_optuna_sweep_is_seeded_and_resume_continues_the_study(small_data, tmp_p
 # Ctrl-C and --resume
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(small_data, tmp_path):
-    out = tmp_path / "run"
-    flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--lr", "1e-2",
-             "--batch-size", "2", "--patience", "0"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags, "--epochs", "50"], cwd=ROOT,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def interrupt_at_first_checkpoint(flags: list[str], run: Path) -> str:
+    """finetune.py run through its command line and stopped with Ctrl-C (SIGINT) once `run` holds checkpoint-2;
+    what it printed, after checking it exited as interrupted."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
-        while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        while not (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
@@ -229,6 +228,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(small_data, tmp_
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == finetune.INTERRUPTED_EXIT, output[-3000:]
+    return output
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(small_data, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--lr", "1e-2",
+             "--batch-size", "2", "--patience", "0"]
+    output = interrupt_at_first_checkpoint([*flags, "--epochs", "50"], out)
     assert "Interrupted at step" in output and "--resume" in output
     info = read_json(out / "run_info.json")
     stopped = info["interrupted_at_step"]
@@ -263,19 +270,7 @@ def test_interrupted_sweep_continues_its_trial_from_the_checkpoint(small_data, t
     flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--sweep", "--sweep-lr", "1e-2",
              "--sweep-epochs", "10", "--sweep-batch-size", "2", "--patience", "0"]
     trial = out / "sweep" / "trial-1"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags], cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while not (trial / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
-            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first checkpoint"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == finetune.INTERRUPTED_EXIT, output[-3000:]
+    interrupt_at_first_checkpoint(flags, trial)
     stopped = read_json(trial / "run_info.json")["interrupted_at_step"]
     assert stopped < 20
 

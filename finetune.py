@@ -21,7 +21,8 @@ Two engines load the model; everything after loading is one code path, TRL's SFT
 records (howto.chat.encode_example) with the loss on the answer only. `unsloth` (default): FastLanguageModel in
 4-bit with Unsloth's kernels. `hf`: transformers + peft, the QLoRA paper's recipe (NF4 4-bit, paged 8-bit AdamW) on
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
-(configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32 (howto.flops.cpu_plan). Gradient
+(configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention
+(howto.flops.cpu_plan). Gradient
 checkpointing is on where memory needs it (always on a GPU) and off where not (howto.flops.checkpointing_needed).
 """
 from __future__ import annotations
@@ -354,7 +355,8 @@ def load_unsloth(args: argparse.Namespace, path: str, precision: str, checkpoint
 
 
 def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: bool) -> Any:
-    """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper), full precision on a CPU."""
+    """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper); on a CPU full precision with the
+    attention howto.flops.cpu_plan chose."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -365,6 +367,8 @@ def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: 
     if args.load_in_4bit and not cuda:
         console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if not cuda:
+        kwargs["attn_implementation"] = flops.cpu_plan()["attention"]
     if four_bit:
         kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
     if cuda and not sharded_launch():
@@ -523,7 +527,7 @@ def save_adapter(trainer: Any, base_path: str, out_dir: Path) -> None:
 def save_interrupted(trainer: Any, out_dir: Path, argv: list[str]) -> None:
     """Ctrl-C: save the trainer's full state as a checkpoint, then say how to continue."""
     trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # progress bar, loggers
-    console.print(trainlog.loss_table(trainer.state.log_history))
+    print_loss_table(trainer.state.log_history)
     step = trainer.state.global_step
     if step == 0:
         console.print("\n[yellow]Interrupted before the first step[/]: nothing to save.")
@@ -614,11 +618,19 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         write_json(out_dir / "metrics.json", {**curves, "best_val_loss": state.best_metric, "best_step": best_step})
         atomic_write_bytes(out_dir / "loss.png", trainlog.loss_png(curves, best_step))
         write_run_info(out_dir, config_record(args), data["files"], info)
-        console.print(trainlog.loss_table(state.log_history))
+        print_loss_table(state.log_history)
         print_summary(info, out_dir)
     del trainer, model
     models.free_memory()
     return info
+
+
+def print_loss_table(history: list[dict[str, Any]]) -> None:
+    """The loss table on a line of its own: TRL's live progress panel ends without a newline where the output is
+    not a terminal (a log file)."""
+    if not console.is_terminal:
+        console.line()
+    console.print(trainlog.loss_table(history))
 
 
 def print_summary(info: dict[str, Any], out_dir: Path) -> None:

@@ -12,7 +12,8 @@ answers are all `--max-new-tokens` long (random weights never emit the end-of-se
 same work. A real model (`--model smollm2`) stops answers early, and a batch runs until its longest answer ends.
 
 Stragglers: SmolLM2, or a SmolLM2 run fine-tuned by finetune.py (`--straggler-adapter`; its answers end when the
-steps do, the base model's mostly run to the cap), answers bundled prompts in batches of `--batch-size`, at most
+steps do, the base model's mostly run to the cap), answers bundled prompts in batches of each of
+`--straggler-batch-sizes` (on a CPU a decoding step costs mostly one read of the weights, whatever the batch), at most
 160 new tokens (the CPU profile's cap), once with the prompts in the order evaluate.py used before (by prompt
 length) and once in its order now (by the reference answer's length). A batch computes a token for every row at
 every step until its longest answer ends, so the useful share is the tokens answered over rows x steps. The share
@@ -21,6 +22,7 @@ is a property of the greedy answers, the same on any machine; the times are not.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -109,9 +111,10 @@ def bench_generation(model: str, n_prompts: int, max_new_tokens: int, batch_size
     return rows
 
 
-def bench_stragglers(n_prompts: int, batch_size: int, adapter: str | None,
+def bench_stragglers(n_prompts: int, batch_sizes: list[int], adapter: str | None,
                      max_new_tokens: int = 160) -> list[tuple[str, str, str]]:
-    """Useful tokens over computed tokens (rows x steps of each batch), prompts ordered the old way and the new."""
+    """Useful tokens over computed tokens (rows x steps of each batch), prompts ordered the old way and the new, for
+    each batch size (one batch of every prompt has no order to choose)."""
     from howto.models import load_for_generation
 
     records = [json.loads(line) for line in (ROOT / "data" / "howto_steps.jsonl").read_text().splitlines()]
@@ -121,7 +124,9 @@ def bench_stragglers(n_prompts: int, batch_size: int, adapter: str | None,
     orders = {"by prompt length (before)": lambda r: len(r["prompt"]),
               "by reference length (now)": lambda r: len(render_steps(r["response"]))}
     rows = []
-    for label, key in orders.items():
+    for batch_size, (label, key) in itertools.product(batch_sizes, orders.items()):
+        if batch_size >= len(records) and key is orders["by prompt length (before)"]:
+            continue
         todo = sorted(records, key=key)
         useful = computed = 0
         began = time.perf_counter()
@@ -149,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the synthetic pairs")
     parser.add_argument("--straggler-prompts", type=int, default=32,
                         help="bundled prompts SmolLM2 answers in the straggler bench; 0 skips it")
+    parser.add_argument("--straggler-batch-sizes", default="8,32",
+                        help="comma-separated batch sizes of the straggler bench (the CPU profile answers all 34 test "
+                             "prompts in one batch)")
     parser.add_argument("--straggler-adapter", help="a finetune.py run folder of SmolLM2 whose adapter answers in the "
                                                     "straggler bench (its answers end; the base model's ramble)")
     args = parser.parse_args(argv)
@@ -158,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_metrics(args.pairs, args.seed) + bench_generation(args.model, args.prompts, args.max_new_tokens,
                                                                      args.batch_size, args.repeats)
     if args.straggler_prompts:
-        rows += bench_stragglers(args.straggler_prompts, args.batch_size, args.straggler_adapter)
+        sizes = [int(size) for size in args.straggler_batch_sizes.split(",")]
+        rows += bench_stragglers(args.straggler_prompts, sizes, args.straggler_adapter)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     table = Table(title=f"evaluate.py speed ({'GPU' if torch.cuda.is_available() else 'CPU'}, "
                         f"{torch.get_num_threads()} threads{load})")

@@ -11,9 +11,10 @@ Groups, each row a process of its own through finetune.py's loading and trainer 
   CPU computes bf16 natively); the 4-bit column says what was loaded, not what was asked for;
 - checkpointing: gradient checkpointing on (the recomputation costs a forward pass of every layer) and off;
 - batching: padded batches in random order (before) and batches of similar lengths (TRL's group_by_length);
-- threads: alone with OpenMP's default wait policy, then beside one busy process (a pure-Python loop on one core)
-  with the default wait policy and torch's default threads (before), with OMP_WAIT_POLICY=PASSIVE, and with one
-  thread fewer.
+- attention: transformers' `sdpa` attention (before: torch's fused CPU kernel) and its eager attention (after);
+- threads: alone with OMP_WAIT_POLICY=PASSIVE (the loop's) and with OpenMP's default wait policy (spinning), then
+  beside one busy process (a pure-Python loop on one core) with the default policy, with PASSIVE, and with PASSIVE
+  and one thread fewer.
 Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" row) in one thing only.
 
 The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
@@ -53,7 +54,7 @@ from howto.preflight import Architecture  # noqa: E402
 from howto.runio import atomic_dir, library_versions, write_json  # noqa: E402
 
 ENGINES = ("unsloth", "hf")
-GROUPS = ("engines", "checkpointing", "batching", "threads")
+GROUPS = ("engines", "checkpointing", "batching", "attention", "threads")
 DATA = ROOT / "data" / "howto_steps.jsonl"
 TARGET_SPEEDUP = 1.8
 TARGET_MEMORY_SHARE = 0.60
@@ -179,11 +180,12 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
     plan = flops.cpu_plan()
     loop = {"group": "loop", "label": "after: the CPU loop's settings (flops.cpu_plan)", "engine": plan["engine"],
             "precision": plan["precision"], "four_bit": plan["four_bit"], "checkpointing": False,
-            "batching": "grouped", "threads": plan["threads"], "wait_policy": "PASSIVE", "busy": False}
+            "batching": "grouped", "attention": plan["attention"], "threads": plan["threads"], "wait_policy": "PASSIVE",
+            "busy": False}
     # Unsloth picks bf16 by the same CPU flags as cpu_plan (unsloth_zoo.cpu.runtime.cpu_bf16_supported)
-    before = {**loop, "label": "before: Unsloth's CPU fallback, checkpointing, random order, default threads",
+    before = {**loop, "label": "before: Unsloth's CPU fallback, checkpointing, random order, sdpa, default threads",
               "engine": "unsloth", "precision": plan["precision"], "checkpointing": True,
-              "batching": "random", "wait_policy": None}
+              "batching": "random", "attention": "sdpa", "wait_policy": None}
     cases = [loop, before]
     groups = options.groups.split(",")
     if "engines" in groups:
@@ -199,13 +201,16 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
                       "checkpointing": True})
     if "batching" in groups:
         cases.append({**loop, "group": "batching", "label": "random order, padded (before)", "batching": "random"})
+    if "attention" in groups:
+        cases.append({**loop, "group": "attention", "label": "sdpa attention (before)", "attention": "sdpa"})
     if "threads" in groups:
         busy = {**loop, "group": "threads", "busy": True}
-        cases += [{**loop, "group": "threads", "label": "alone: default wait policy", "wait_policy": None},
-                  {**busy, "label": "busy core: default wait policy (before)", "wait_policy": None},
-                  {**busy, "label": "busy core: OMP_WAIT_POLICY=PASSIVE"},
+        cases += [{**loop, "group": "threads", "label": "alone: OMP_WAIT_POLICY=PASSIVE (the loop's)"},
+                  {**loop, "group": "threads", "label": "alone: default wait policy (spinning)", "wait_policy": None},
+                  {**busy, "label": "busy core: default wait policy (spinning)", "wait_policy": None},
+                  {**busy, "label": "busy core: OMP_WAIT_POLICY=PASSIVE", "wait_policy": "PASSIVE"},
                   {**busy, "label": f"busy core: PASSIVE, {max(1, plan['threads'] - 1)} thread(s)",
-                   "threads": max(1, plan["threads"] - 1)}]
+                   "wait_policy": "PASSIVE", "threads": max(1, plan["threads"] - 1)}]
     return cases
 
 
@@ -233,11 +238,13 @@ def run_worker(case: dict[str, Any], model_path: str, options: argparse.Namespac
                model_path, "--batch-size", str(options.batch_size), "--steps", str(options.steps),
                "--warmup-steps", str(options.warmup_steps), "--seq-len", str(options.seq_len),
                *(["--full-size"] if options.full_size else [])]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     # An empty value is OpenMP's own default (it notes the value as invalid on stderr), and one that howto.models,
     # which sets PASSIVE where the variable is unset, leaves alone.
     env["OMP_WAIT_POLICY"] = case["wait_policy"] or ""
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if case["busy"] else None
+    if busy is not None:
+        time.sleep(1.0)  # running before the worker starts, as a competing program would be
     try:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     finally:
@@ -299,6 +306,8 @@ def measure(case: dict[str, Any], options: argparse.Namespace) -> dict[str, Any]
         model = finetune.load_model(args, options.model_path, case["precision"])
         if case["checkpointing"] is not None:  # None: as the loader chose (Unsloth's own on a GPU)
             set_checkpointing(model, case["checkpointing"])
+        if case.get("attention"):  # None on a GPU: as the loader chose
+            model.set_attn_implementation(case["attention"])
         trainer = finetune.build_trainer(model, tokenizer, train, train.select(range(1)), args, Path(tmp),
                                          case["precision"])
         trainer.args.train_sampling_strategy = "group_by_length" if case["batching"] == "grouped" else "random"

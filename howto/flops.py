@@ -161,16 +161,18 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_plan() -> dict[str, Any]:
-    """Engine, precision, 4-bit and threads for training on this CPU, from what it supports and what
+    """Engine, precision, 4-bit, attention and threads for training on this CPU, from what it supports and what
     bench/train_bench.py measured (README, Benchmarks): on a CPU both engines train the same transformers model with
     the same kernels, at the same speed within noise, so the plain hf engine (no Unsloth import and patching); bf16
     where the CPU has it natively (more tokens/s than fp32 there); no 4-bit, since bitsandbytes dequantizes every
-    layer on every step on a CPU; torch's own thread count, one a core."""
+    layer on every step on a CPU; transformers' eager attention (two batched matmuls around a softmax), since the
+    CPU kernel behind `sdpa` took a fifth of a step in its backward pass and eager trained about 1.4x faster;
+    torch's own thread count, one a core."""
     import torch
 
     precision, reason = cpu_precision()
-    return {"engine": "hf", "precision": precision, "four_bit": False, "threads": torch.get_num_threads(),
-            "reason": reason}
+    return {"engine": "hf", "precision": precision, "four_bit": False, "attention": "eager",
+            "threads": torch.get_num_threads(), "reason": reason}
 
 
 def cpu_precision() -> tuple[str, str]:

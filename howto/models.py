@@ -10,7 +10,9 @@ Names:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -113,8 +115,11 @@ def build_smollm2(folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers' GGUF reader draws a progress bar per file with tqdm directly, which no setting of its own hides;
+    # errors still raise, and the build takes seconds.
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantized already; saving refuses while a quantizer is set
     del model.config.quantization_config  # else config.json claims GGUF weights and llama.cpp's converter refuses
     # The GGUF's tokenizer metadata names <|im_start|> as end of sequence; the model ends its turns with <|im_end|>.
@@ -302,7 +307,9 @@ def hide_loading_bars() -> None:
 def passive_threads() -> None:
     """OpenMP threads that sleep while they wait for each other (OMP_WAIT_POLICY=PASSIVE) unless the environment
     chooses: with OpenMP's default they spin first, and beside one busy process training fell to a sixth of the
-    passive policy's speed in bench/train_bench.py (10 tokens/s against 60). OpenMP reads the variable when torch
+    passive policy's speed in bench/train_bench.py (10 tokens/s against 60). Alone, spinning made more tokens/s in
+    the bench's short runs (about 50% MFU against 35-38%), but the whole CPU loop ran slower with it (179 tokens/s
+    against 236-248, half its CPU time in the kernel), so passive it stays. OpenMP reads the variable when torch
     loads, so this runs when this module is imported, before any script imports torch."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -166,3 +166,4 @@ def test_cpu_precision_follows_native_bf16(monkeypatch, flags, precision):
     assert flops.cpu_precision()[0] == precision
     plan = flops.cpu_plan()
     assert plan["precision"] == precision and plan["four_bit"] is False and plan["engine"] == "hf"
+    assert plan["attention"] == "eager"

@@ -18,7 +18,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
   EVAL_FLAGS=()
   QUANT=q4_k_m
 else
-  echo "No CUDA GPU found: running the CPU loop on SmolLM2-135M-Instruct (--model smollm2), 12 to 25 minutes on 2 cores."
+  echo "No CUDA GPU found: running the CPU loop on SmolLM2-135M-Instruct (--model smollm2), 8 to 20 minutes on 2 cores."
   MODEL=${MODEL:-smollm2}
   CONFIG=${CONFIG:-configs/cpu.yaml}
   EVAL_FLAGS=(--bertscore-model minilm)

@@ -307,10 +307,10 @@ def hide_loading_bars() -> None:
 def passive_threads() -> None:
     """OpenMP threads that sleep while they wait for each other (OMP_WAIT_POLICY=PASSIVE) unless the environment
     chooses: with OpenMP's default they spin first, and beside one busy process training fell to a sixth of the
-    passive policy's speed in bench/train_bench.py (10 tokens/s against 60). Alone, spinning made more tokens/s in
-    the bench's short runs (about 50% MFU against 35-38%), but the whole CPU loop ran slower with it (179 tokens/s
-    against 236-248, half its CPU time in the kernel), so passive it stays. OpenMP reads the variable when torch
-    loads, so this runs when this module is imported, before any script imports torch."""
+    passive policy's speed in bench/train_bench.py (10 tokens/s against 60; 106 against 174 on 2026-12-02). Alone,
+    spinning made more tokens/s in the bench's short runs (43-50% MFU against 35-38%), but over whole epochs it was
+    not reliably ahead (260 and 179 tokens/s against passive's 228-248), so passive it stays. OpenMP reads the
+    variable when torch loads, so this runs when this module is imported, before any script imports torch."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

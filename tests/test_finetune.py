@@ -215,8 +215,11 @@ def test_optuna_sweep_is_seeded_and_resume_continues_the_study(small_data, tmp_p
 def interrupt_at_first_checkpoint(flags: list[str], run: Path) -> str:
     """finetune.py run through its command line and stopped with Ctrl-C (SIGINT) once `run` holds checkpoint-2;
     what it printed, after checking it exited as interrupted."""
+    # Ctrl-C as a terminal delivers it: a child inherits an ignored SIGINT (what some tools leave in the test process),
+    # and Python then never turns it into KeyboardInterrupt, so the child starts with the default disposition.
     proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *flags], cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():

@@ -22,8 +22,8 @@ records (howto.chat.encode_example) with the loss on the answer only. `unsloth` 
 4-bit with Unsloth's kernels. `hf`: transformers + peft, the QLoRA paper's recipe (NF4 4-bit, paged 8-bit AdamW) on
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
 (configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention
-(howto.flops.cpu_plan). Gradient
-checkpointing is on where memory needs it (always on a GPU) and off where not (howto.flops.checkpointing_needed).
+(howto.flops.cpu_plan). Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
+(howto.flops.checkpointing_needed).
 """
 from __future__ import annotations
 

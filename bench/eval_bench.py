@@ -125,7 +125,7 @@ def bench_stragglers(n_prompts: int, batch_sizes: list[int], adapter: str | None
               "by reference length (now)": lambda r: len(render_steps(r["response"]))}
     rows = []
     for batch_size, (label, key) in itertools.product(batch_sizes, orders.items()):
-        if batch_size >= len(records) and key is orders["by prompt length (before)"]:
+        if batch_size >= len(records) and label == "by prompt length (before)":
             continue
         todo = sorted(records, key=key)
         useful = computed = 0

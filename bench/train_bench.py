@@ -208,9 +208,9 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
         cases += [{**loop, "group": "threads", "label": "alone: OMP_WAIT_POLICY=PASSIVE (the loop's)"},
                   {**loop, "group": "threads", "label": "alone: default wait policy (spinning)", "wait_policy": None},
                   {**busy, "label": "busy core: default wait policy (spinning)", "wait_policy": None},
-                  {**busy, "label": "busy core: OMP_WAIT_POLICY=PASSIVE", "wait_policy": "PASSIVE"},
+                  {**busy, "label": "busy core: OMP_WAIT_POLICY=PASSIVE"},
                   {**busy, "label": f"busy core: PASSIVE, {max(1, plan['threads'] - 1)} thread(s)",
-                   "wait_policy": "PASSIVE", "threads": max(1, plan["threads"] - 1)}]
+                   "threads": max(1, plan["threads"] - 1)}]
     return cases
 
 

@@ -166,8 +166,8 @@ def cpu_plan() -> dict[str, Any]:
     the same kernels, at the same speed within noise, so the plain hf engine (no Unsloth import and patching); bf16
     where the CPU has it natively (more tokens/s than fp32 there); no 4-bit, since bitsandbytes dequantizes every
     layer on every step on a CPU; transformers' eager attention (two batched matmuls around a softmax), since the
-    CPU kernel behind `sdpa` took a fifth of a step in its backward pass and eager trained about 1.4x faster;
-    torch's own thread count, one a core."""
+    CPU kernel behind `sdpa` took a fifth of a step in its backward pass and eager made about 1.2x its tokens/s
+    over a whole epoch; torch's own thread count, one a core."""
     import torch
 
     precision, reason = cpu_precision()

@@ -43,9 +43,11 @@ from rich.table import Table as RichTable
 
 from howto import forgetting, parity, report
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
-from howto.generate import GGUFGenerator, HFGenerator, is_gguf_file, quiet_libraries
+from howto.generate import GGUFGenerator, HFGenerator, is_gguf_file
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MINILM, BertScore, BertScoreUnavailable, StepEncoder,
                            mean_defined, paired_comparison, prompt_key, score_examples)
+from howto.models import (default_model, free_memory, has_cuda, load_for_generation, load_tokenizer, read_run_info,
+                          resolve_model)
 from howto.records import read_clean, read_records
 from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, parse_args,
                          positive_int, write_json, write_jsonl, write_run_info)
@@ -283,7 +285,6 @@ def as_system(name: str, path: Path, base: str, flag: str) -> System:
 
 def resolve_systems(base: str | None, finetuned: str) -> list[System]:
     """The base and fine-tuned systems, with the base that training used unless --base says otherwise."""
-    from howto.models import default_model, read_run_info
 
     path = Path(finetuned)
     if not path.exists():
@@ -315,7 +316,6 @@ def generate_all(args: argparse.Namespace, examples: list[dict[str, Any]], out_d
         list[System], list[System], dict[str, Table], dict[str, list[dict[str, Any]] | None]]:
     """Base, fine-tuned and export systems, each one's answers, and the forgetting probe for base and fine-tuned
     (not for a GGUF file, which gives no teacher-forced loss here)."""
-    quiet_libraries()
     systems = resolve_systems(args.base, args.finetuned)
     exports = export_systems(args, systems[0].model) if args.parity else []
     probe = forgetting.read_probe(args.forgetting_data) if args.forgetting else None
@@ -335,7 +335,6 @@ def _weights_fingerprint(path: Path) -> list[Any]:
 
 def settings_hash(system: System, args: argparse.Namespace) -> str:
     """What makes a cached output reusable: model weights, prompt format and decoding settings (not batch size)."""
-    from howto.models import resolve_model
 
     model = resolve_model(system.model) if system.model else None
     identity: dict[str, Any] = {
@@ -350,7 +349,6 @@ def settings_hash(system: System, args: argparse.Namespace) -> str:
 
 def load_generator(system: System, args: argparse.Namespace) -> HFGenerator | GGUFGenerator:
     """A function from prompts to answers for one system, with its model loaded."""
-    from howto.models import has_cuda, load_for_generation, load_tokenizer, resolve_model
 
     if system.gguf:
         return GGUFGenerator(system.gguf, load_tokenizer(resolve_model(system.tokenizer_model)), args.gguf_context,
@@ -403,7 +401,6 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
     atomically, in test order (rows of other prompts with the same settings are kept after them, so a --limit run
     does not throw work away). `seconds` is the batch's time shared evenly among its prompts.
     """
-    from howto.models import free_memory
 
     key = settings_hash(system, args)
     path = out_dir / system.name / "predictions.jsonl"
@@ -607,8 +604,9 @@ def parity_section(tables: dict[str, Table], exports: list[System], args: argpar
 
 def forgetting_section(probes: dict[str, list[dict[str, Any]] | None], args: argparse.Namespace) -> dict[str, Any]:
     """The probe's paired comparison of base and fine-tuned, or why it was skipped."""
-    section: dict[str, Any] = {"data": args.forgetting_data, "max_new_tokens": forgetting.MAX_NEW_TOKENS,
-                               "n_prompts": 0}
+    bundled = Path(args.forgetting_data).resolve() == forgetting.BUNDLED  # named without this machine's folders
+    section: dict[str, Any] = {"data": "the bundled data/forgetting.jsonl" if bundled else args.forgetting_data,
+                               "max_new_tokens": forgetting.MAX_NEW_TOKENS, "n_prompts": 0}
     if not probes.get("base") or not probes.get("finetuned"):
         return {**section, "skipped": "the probe needs transformers weights for both models (a GGUF file has no "
                                       "teacher-forced loss here); evaluate the adapter or merged folder"}

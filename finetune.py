@@ -21,8 +21,9 @@ Two engines load the model; everything after loading is one code path, TRL's SFT
 records (howto.chat.encode_example) with the loss on the answer only. `unsloth` (default): FastLanguageModel in
 4-bit with Unsloth's kernels. `hf`: transformers + peft, the QLoRA paper's recipe (NF4 4-bit, paged 8-bit AdamW) on
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
-(configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention
-(howto.flops.cpu_plan). Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
+(configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention and each decoder
+layer compiled by torch.compile (howto.flops.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
+positions alone, as TRL's fused head computes them on a GPU. Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
 (howto.flops.checkpointing_needed).
 """
 from __future__ import annotations
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many evaluations in a row without a better validation loss; 0 = never")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True,
                    help="QLoRA: base weights in 4-bit NF4 (the hf engine on a CPU trains in full precision)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each decoder layer (fuses norms, RoPE and activations between the matmuls); "
+                        "default: on for the hf engine on a CPU with a C++ compiler (howto.flops.cpu_plan), off on "
+                        "a GPU, where Unsloth brings its own kernels")
     p.add_argument("--sweep", action="store_true",
                    help="hyperparameter search: one real run per trial in OUT/sweep/trial-K, ranked by validation "
                         "loss; writes OUT/sweep/best_config.yaml for a final run")
@@ -392,9 +397,38 @@ def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
     checkpointing, why = flops.checkpointing_needed(path, args, precision)
     console.print(f"gradient checkpointing {why}")
     model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision, checkpointing)
+    compiling, why = compile_wanted(args)
+    console.print(f"torch.compile {why}")
+    if compiling:
+        compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}: {trainable:,} trainable parameters")
     return model
+
+
+def compile_wanted(args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether to compile the decoder layers, and why: --compile, else the CPU plan for the hf engine."""
+    import torch
+
+    if args.compile is not None:
+        return args.compile, "on (--compile)" if args.compile else "off (--no-compile)"
+    if torch.cuda.is_available() or args.engine != "hf":
+        return False, "off (GPU or Unsloth engine: their own kernels)"
+    plan = flops.cpu_plan()
+    return plan["compile"], plan["compile_reason"]
+
+
+def compile_layers(model: Any) -> None:
+    """torch.compile every decoder layer, each compiled once with dynamic shapes (a batch's length varies) and the
+    same code reused by all layers: Inductor fuses the small ops between the matmuls that eager mode runs one by one
+    in bf16/fp32 round trips. Compiling the whole model would unroll all its layers into one graph, which takes
+    several times longer to compile. Inductor caches what it built (TORCHINDUCTOR_CACHE_DIR, else the temp folder),
+    so later runs with the same model start in seconds."""
+    base = model.get_base_model()
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    for module in base.modules():
+        if type(module).__name__ in layer_classes:
+            module.compile(dynamic=True)
 
 
 def set_pad_token(tokenizer: Any) -> None:
@@ -460,7 +494,7 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     labels that are -100 on the prompt, and its collator pads them with -100."""
     import torch
     from transformers import EarlyStoppingCallback
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.callbacks import RichProgressCallback
 
@@ -469,27 +503,50 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     callbacks = [RichProgressCallback()]  # TRL's progress bars and latest logs, in place of tqdm's
     if args.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
-    trainer_class = SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else cpu_sft_trainer()
+    trainer_class = (SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else
+                     cpu_sft_trainer(compile_wanted(args)[0]))
     trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=val,
                             processing_class=tokenizer, callbacks=callbacks)
-    trainer.remove_callback(ProgressCallback)
+    # transformers' own bar, or its log-dict printer where its logger is quieter than warnings (howto.models)
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
     return trainer
 
 
-def cpu_sft_trainer() -> type:
-    """SFTTrainer whose loss is the model's own cross-entropy over the same labels.
+def cpu_sft_trainer(compiled: bool) -> type:
+    """SFTTrainer whose loss is computed, as TRL's fused LM head computes it, on the answer positions alone.
 
-    TRL 1.x computes the SFT loss through a fused LM head whose kernel is Triton, which has no CPU backend; Unsloth's
-    CPU fallback routes it to a CPU kernel, the plain hf engine on a CPU needs this instead.
+    TRL 1.x projects through the LM head only the positions whose next token has a label, in a fused kernel that is
+    Triton's, which has no CPU backend; Unsloth's CPU fallback routes it to a CPU kernel, the plain hf engine on a
+    CPU needs this instead. The prompt's positions (about half of the loop's) then cost no LM head and no
+    log-softmax over the vocabulary; with `compiled` the cross-entropy is compiled too, so its float32 logits are
+    never written out whole. Where the Trainer asks for the logits (`return_outputs`), the model's own forward.
     """
+    import torch
+    import torch.nn.functional as F
     from transformers import Trainer
     from trl import SFTTrainer
+
+    def summed_cross_entropy(hidden: Any, weight: Any, targets: Any) -> Any:
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+    head_loss = torch.compile(summed_cross_entropy, dynamic=True) if compiled else summed_cross_entropy
 
     class CPUSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            if return_outputs:
+                return Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                            num_items_in_batch=num_items_in_batch)
+            causal_lm = model.get_base_model()
+            hidden = causal_lm.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+            targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
+            answer = targets != -100
+            loss = head_loss(hidden[:, :-1][answer], causal_lm.get_output_embeddings().weight, targets[answer])
+            loss = loss / (answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
+            return loss
 
     return CPUSFTTrainer
 
@@ -578,7 +635,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         resumed = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         history_before, tokens_before = len(resumed.log_history), resumed.num_input_tokens_seen
         info["resumed_from_step"] = resumed.global_step
-    batches = flops.watch_batches(model)  # lengths and padding, for MFU and padding waste
+    batches = flops.watch_batches(trainer)  # lengths, padding and answer positions, for MFU and padding waste
     start = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)

@@ -38,8 +38,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from howto.chat import render_steps  # noqa: E402
-from howto.generate import generate_batch, quiet_libraries  # noqa: E402
+from howto.generate import generate_batch  # noqa: E402
 from howto.metrics import METRICS, BertScore, StepEncoder, paired_comparison, score_examples  # noqa: E402
+from howto.models import load_for_generation  # noqa: E402
 
 
 def synthetic_pairs(n: int, seed: int) -> tuple[list[str], list[list[str]], list[list[str]]]:
@@ -88,7 +89,6 @@ def bench_generation(model: str, n_prompts: int, max_new_tokens: int, batch_size
                      repeats: int) -> list[tuple[str, str, str]]:
     """Each mode `repeats` times, interleaved, keeping the fastest: on a shared machine the slower runs measure the
     neighbours, not the code."""
-    from howto.models import load_for_generation
 
     lm, tokenizer = load_for_generation(model)
     prompts = synthetic_pairs(n_prompts, 0)[0]
@@ -115,7 +115,6 @@ def bench_stragglers(n_prompts: int, batch_sizes: list[int], adapter: str | None
                      max_new_tokens: int = 160) -> list[tuple[str, str, str]]:
     """Useful tokens over computed tokens (rows x steps of each batch), prompts ordered the old way and the new, for
     each batch size (one batch of every prompt has no order to choose)."""
-    from howto.models import load_for_generation
 
     records = [json.loads(line) for line in (ROOT / "data" / "howto_steps.jsonl").read_text().splitlines()]
     records = records[:: max(1, len(records) // n_prompts)][:n_prompts]
@@ -160,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--straggler-adapter", help="a finetune.py run folder of SmolLM2 whose adapter answers in the "
                                                     "straggler bench (its answers end; the base model's ramble)")
     args = parser.parse_args(argv)
-    quiet_libraries()
     import torch
 
     rows = bench_metrics(args.pairs, args.seed) + bench_generation(args.model, args.prompts, args.max_new_tokens,

@@ -12,6 +12,7 @@ Groups, each row a process of its own through finetune.py's loading and trainer 
 - checkpointing: gradient checkpointing on (the recomputation costs a forward pass of every layer) and off;
 - batching: padded batches in random order (before) and batches of similar lengths (TRL's group_by_length);
 - attention: transformers' `sdpa` attention (before: torch's fused CPU kernel) and its eager attention (after);
+- compile: the decoder layers run op by op (before) and compiled by torch.compile (after; finetune.compile_layers);
 - threads: alone with OMP_WAIT_POLICY=PASSIVE (the loop's) and with OpenMP's default wait policy (spinning), then
   beside one busy process (a pure-Python loop on one core) with the default policy, with PASSIVE, and with PASSIVE
   and one thread fewer.
@@ -19,11 +20,14 @@ Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" r
 
 The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
 loop's own. Tokens per second count useful (non-padding) tokens over the optimizer steps after the warm-up. MFU is
-howto.flops' model FLOPs of those tokens over the peak: on a CPU a dense matmul of the run's dtype measured in the same
-process, on the same threads, just before and just after training (the mean is used, both are shown), so a busy
+howto.flops' model FLOPs of those tokens over the peak: on a CPU a dense matmul of the run's dtype measured in the
+same process, on the same threads, just before and just after training (the mean is used, both are shown), so a busy
 machine slows both sides of the ratio; on a GPU the rated peak. HFU adds the recomputation of checkpointing. Padding
-waste is the share of computed token positions that were padding. Peak memory is the GPU's peak allocation, or the
-process's peak resident memory on a CPU.
+waste is the share of computed token positions that were padding. The warm-up column is the time from the start of
+training to the end of the warm-up steps (the untrained model's evaluation included), where torch.compile builds its
+kernels (Inductor caches them on disk, so only the first compiling row of a machine pays the full build;
+finetune.py's first run pays it too). Peak memory is the GPU's peak allocation, or the process's peak resident
+memory on a CPU.
 
 `--full-size` builds a Mistral-7B-architecture model (MistralConfig of Mistral-7B-v0.3: hidden 4096, 32 layers,
 32 heads, 8 KV heads, MLP 14336, vocabulary 32768) with random weights once, in bf16, into the model cache; both
@@ -54,7 +58,7 @@ from howto.preflight import Architecture  # noqa: E402
 from howto.runio import atomic_dir, library_versions, write_json  # noqa: E402
 
 ENGINES = ("unsloth", "hf")
-GROUPS = ("engines", "checkpointing", "batching", "attention", "threads")
+GROUPS = ("engines", "checkpointing", "batching", "attention", "compile", "threads")
 DATA = ROOT / "data" / "howto_steps.jsonl"
 TARGET_SPEEDUP = 1.8
 TARGET_MEMORY_SHARE = 0.60
@@ -180,12 +184,13 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
     plan = flops.cpu_plan()
     loop = {"group": "loop", "label": "after: the CPU loop's settings (flops.cpu_plan)", "engine": plan["engine"],
             "precision": plan["precision"], "four_bit": plan["four_bit"], "checkpointing": False,
-            "batching": "grouped", "attention": plan["attention"], "threads": plan["threads"], "wait_policy": "PASSIVE",
-            "busy": False}
+            "batching": "grouped", "attention": plan["attention"], "compile": plan["compile"],
+            "threads": plan["threads"], "wait_policy": "PASSIVE", "busy": False}
     # Unsloth picks bf16 by the same CPU flags as cpu_plan (unsloth_zoo.cpu.runtime.cpu_bf16_supported)
-    before = {**loop, "label": "before: Unsloth's CPU fallback, checkpointing, random order, sdpa, default threads",
+    before = {**loop, "label": "before: Unsloth's CPU fallback, checkpointing, random order, sdpa, not compiled, "
+                               "default threads",
               "engine": "unsloth", "precision": plan["precision"], "checkpointing": True,
-              "batching": "random", "attention": "sdpa", "wait_policy": None}
+              "batching": "random", "attention": "sdpa", "compile": False, "wait_policy": None}
     cases = [loop, before]
     groups = options.groups.split(",")
     if "engines" in groups:
@@ -193,7 +198,8 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
         # finetune.py's hf engine loads full-precision weights on a CPU (its 4-bit is bitsandbytes' CUDA path), so
         # 4-bit on a CPU is Unsloth's row alone
         cases += [{**loop, "group": "engines", "label": f"{engine}, {precision}, {'4-bit' if four_bit else 'no 4-bit'}",
-                   "engine": engine, "precision": precision, "four_bit": four_bit}
+                   "engine": engine, "precision": precision, "four_bit": four_bit,
+                   "compile": loop["compile"] and engine == "hf"}  # finetune.py compiles the hf engine's layers
                   for precision in precisions for four_bit in (False, True) for engine in ENGINES
                   if not (four_bit and engine == "hf")]
     if "checkpointing" in groups:
@@ -203,6 +209,8 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
         cases.append({**loop, "group": "batching", "label": "random order, padded (before)", "batching": "random"})
     if "attention" in groups:
         cases.append({**loop, "group": "attention", "label": "sdpa attention (before)", "attention": "sdpa"})
+    if "compile" in groups:
+        cases.append({**loop, "group": "compile", "label": "layers not compiled (before)", "compile": False})
     if "threads" in groups:
         busy = {**loop, "group": "threads", "busy": True}
         cases += [{**loop, "group": "threads", "label": "alone: OMP_WAIT_POLICY=PASSIVE (the loop's)"},
@@ -296,7 +304,8 @@ def measure(case: dict[str, Any], options: argparse.Namespace) -> dict[str, Any]
                                "--batch-size", str(options.batch_size), "--grad-accum", "1", "--epochs", "1",
                                "--patience", "0", "--warmup-ratio", "0", "--max-seq-length",
                                str(options.seq_len if options.full_size else 384),
-                               "--load-in-4bit" if case["four_bit"] else "--no-load-in-4bit"])
+                               "--load-in-4bit" if case["four_bit"] else "--no-load-in-4bit",
+                               *({True: ["--compile"], False: ["--no-compile"]}.get(case.get("compile"), []))])
         tokenizer = models.load_tokenizer(options.model_path)
         finetune.set_pad_token(tokenizer)
         records = bench_records(tokenizer, options, tokenizer.vocab_size)
@@ -311,15 +320,16 @@ def measure(case: dict[str, Any], options: argparse.Namespace) -> dict[str, Any]
         trainer = finetune.build_trainer(model, tokenizer, train, train.select(range(1)), args, Path(tmp),
                                          case["precision"])
         trainer.args.train_sampling_strategy = "group_by_length" if case["batching"] == "grouped" else "random"
-        batches = flops.watch_batches(trainer.model)
+        batches = flops.watch_batches(trainer)
         timer = step_timer(options.steps)
         trainer.add_callback(timer)
         peak_before, peak_source = peak_rates(case["precision"])
         trainer.train()
         peak_after, _ = peak_rates(case["precision"])
         arch = Architecture.from_config(model.config.to_dict())
-        return row_result(case, args, arch, batches, timer.marks, options.warmup_steps, peak_before, peak_after,
-                          peak_source, loaded_in_4bit(model))
+        result = row_result(case, args, arch, batches, timer.marks, options.warmup_steps, peak_before, peak_after,
+                            peak_source, loaded_in_4bit(model))
+        return {**result, "warmup_s": timer.marks[options.warmup_steps - 1][0] - timer.begin}
 
 
 def peak_rates(precision: str) -> tuple[dict[str, float | None], str]:
@@ -349,12 +359,17 @@ def loaded_in_4bit(model: Any) -> bool:
 
 
 def step_timer(steps: int) -> Any:
-    """Wall and process CPU time at the end of every optimizer step; training stops after `steps`."""
+    """Wall and process CPU time when training begins and at the end of every optimizer step; training stops after
+    `steps`."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
+            self.begin = 0.0
             self.marks: list[tuple[float, float]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), time.process_time()))
@@ -412,7 +427,7 @@ def report(cases: list[dict[str, Any]], runs: dict[str, list[dict]], label: str,
              f"{where}; median (range) over {options.repeats} repeat(s)")
     table = Table(title=title, title_justify="left")
     for column in ("group", "row", "engine", "precision", "4-bit", "ckpt", "tokens/s", "MFU", "HFU", "padding",
-                   "peak GFLOP/s", "CPU share", "MFU of CPU time", "peak mem GiB"):
+                   "peak GFLOP/s", "CPU share", "MFU of CPU time", "peak mem GiB", "warm-up s"):
         table.add_column(column, justify="left" if column in ("group", "row", "engine", "precision") else "right")
     summary: dict[str, Any] = {"rows": []}
     for case in cases:
@@ -430,7 +445,8 @@ def report(cases: list[dict[str, Any]], runs: dict[str, list[dict]], label: str,
                       spread(row["padding_waste"], ".1%"), spread(peaks, ".0f") if peaks else "-",
                       spread([r["cpu_share"] for r in rs], ".0%"),
                       spread([r["mfu_cpu_time"] for r in rs], ".1%") if rs[0]["mfu_cpu_time"] else "-",
-                      spread([r["peak_memory_gib"] for r in rs], ".2f"))
+                      spread([r["peak_memory_gib"] for r in rs], ".2f"),
+                      spread([r["warmup_s"] for r in rs], ".1f"))
     console.print(table)
     console.print(f"Load average (1 min) during the rows: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores"
                   + (" [yellow](a busy machine: absolute figures are low, ratios such as MFU less so)[/]"

@@ -15,6 +15,11 @@ embedding lookup not), d the attention width (heads x head_dim), L the layers an
 so 4N + 6P + 12LdT per token without checkpointing (a full fine-tune would be nanoGPT's 6N + 12LdT).
 tests/test_flops.py checks these counts against torch's own FlopCounterMode on a real model.
 
+The LM head's share of N counts on the positions whose next token is trained (the answers), not on every token:
+the loss needs no logits for the prompt, TRL's fused LM head (the GPU path's loss) and finetune.py's CPU loss
+compute none there, and like padding, work a run could skip is not work the model needed. Where an engine computes
+the head on every position anyway, the MFU understates rather than overstates.
+
 MFU is the achieved model FLOP/s (useful tokens only, recomputation left out, as PaLM defines it) over the peak
 FLOP/s of the precision the run computes in; HFU counts the recomputation too. The peak is the GPU's rated dense
 figure for the GPUs below, and on a CPU a dense matmul of the same dtype measured on the spot, on the threads the
@@ -25,7 +30,9 @@ nothing from them.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -61,13 +68,15 @@ def lora_weights(arch: Architecture, rank: int, targets: Sequence[str]) -> int:
 
 
 def training_flops(arch: Architecture, lengths: Sequence[int], rank: int, targets: Sequence[str],
-                   checkpointing: bool = False) -> float:
-    """FLOPs of one forward and backward pass of LoRA training over sequences of these (unpadded) lengths."""
+                   checkpointing: bool = False, predicted: int | None = None) -> float:
+    """FLOPs of one forward and backward pass of LoRA training over sequences of these (unpadded) lengths, with the
+    LM head on `predicted` positions (default: every token)."""
     layers, head = linear_weights(arch)
     adapters = lora_weights(arch, rank, targets)
     tokens = sum(lengths)
     attention = 4 * arch.layers * arch.heads * arch.head_dim * sum(t * t for t in lengths)  # forward, full T x T
-    total = (4 * (layers + head) + 6 * adapters) * tokens + 3 * attention
+    total = (4 * layers + 6 * adapters) * tokens + 4 * head * (tokens if predicted is None else predicted) \
+        + 3 * attention
     if checkpointing:
         total += (2 * layers + 2 * adapters) * tokens + attention
     return float(total)
@@ -116,19 +125,22 @@ def peak_flops(precision: str) -> tuple[float | None, str]:
     return measured_peak_flops(precision)[0], f"{precision} matmul measured on {torch.get_num_threads()} thread(s)"
 
 
-def watch_batches(model: Any) -> list[dict[str, Any]]:
-    """A list that fills with the lengths and padded size of every training batch the model receives (evaluation
-    passes, in eval mode, are left out; checkpointing recomputes layers, not the whole forward, so each batch is seen
-    once)."""
+def watch_batches(trainer: Any) -> list[dict[str, Any]]:
+    """A list that fills with every training batch the trainer computes a loss on: its lengths, its padded size and
+    its positions whose next token is trained (evaluation batches, in eval mode, are left out). Seen at the
+    trainer's compute_loss, which every engine's loss goes through, whichever forward it then runs."""
     batches: list[dict[str, Any]] = []
+    compute_loss = trainer.compute_loss
 
-    def record(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        if module.training:
-            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
-            lengths = mask.sum(dim=1).tolist() if mask is not None else [ids.shape[-1]]
-            batches.append({"lengths": [int(n) for n in lengths], "computed": int(ids.numel())})
+    def watched(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if model.training:
+            ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+            lengths = mask.sum(dim=1).tolist() if mask is not None else [ids.shape[-1]] * ids.shape[0]
+            batches.append({"lengths": [int(n) for n in lengths], "computed": int(ids.numel()),
+                            "predicted": int((labels[:, 1:] != -100).sum()) if labels is not None else None})
+        return compute_loss(model, inputs, *args, **kwargs)
 
-    model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.compute_loss = watched
     return batches
 
 
@@ -136,8 +148,9 @@ def usage(arch: Architecture, batches: list[dict[str, Any]], seconds: float, ran
           checkpointing: bool, peak: float | None) -> dict[str, float | None]:
     """Achieved model FLOP/s, MFU, HFU and padding waste of training these batches in these seconds."""
     lengths = [n for batch in batches for n in batch["lengths"]]
-    model_flops = training_flops(arch, lengths, rank, targets)
-    hardware_flops = training_flops(arch, lengths, rank, targets, checkpointing=checkpointing)
+    predicted = None if any(b.get("predicted") is None for b in batches) else sum(b["predicted"] for b in batches)
+    model_flops = training_flops(arch, lengths, rank, targets, predicted=predicted)
+    hardware_flops = training_flops(arch, lengths, rank, targets, checkpointing=checkpointing, predicted=predicted)
     return {"flops_per_token": model_flops / max(1, sum(lengths)), "flops_per_s": model_flops / seconds,
             "mfu": model_flops / seconds / peak if peak else None,
             "hfu": hardware_flops / seconds / peak if peak else None,
@@ -167,11 +180,17 @@ def cpu_plan() -> dict[str, Any]:
     where the CPU has it natively (more tokens/s than fp32 there); no 4-bit, since bitsandbytes dequantizes every
     layer on every step on a CPU; transformers' eager attention (two batched matmuls around a softmax), since the
     CPU kernel behind `sdpa` took a fifth of a step in its backward pass and eager made about 1.2x its tokens/s
-    over a whole epoch; torch's own thread count, one a core."""
+    over a whole epoch; torch's own thread count, one a core; each decoder layer compiled by torch.compile where a
+    C++ compiler is found (Inductor's CPU backend builds C++), which fuses the norms, RoPE, activations and residual
+    adds that run one op at a time between the matmuls in eager mode."""
     import torch
 
     precision, reason = cpu_precision()
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compile_reason = (f"on (Inductor with {compiler}: fused ops between the matmuls)" if compiler else
+                      "off (no C++ compiler for Inductor: install g++ or set CXX)")
     return {"engine": "hf", "precision": precision, "four_bit": False, "attention": "eager",
+            "compile": compiler is not None, "compile_reason": compile_reason,
             "threads": torch.get_num_threads(), "reason": reason}
 
 

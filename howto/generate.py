@@ -5,33 +5,12 @@ was trained on, and both give (text, generated tokens without the end-of-sequenc
 """
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from howto.chat import decode_answer, prompt_ids
 
 Answer = tuple[str, int]
-
-
-# Loggers whose warnings say nothing the user can act on: torch's `_pytree` deprecation notices (raised while
-# torchao registers its enums), bitsandbytes' note that an optional CPU kernel package is absent, and
-# mistral-common's notice that a folder holds the tokenizer under two names (ours do, on purpose).
-NOISY_LOGGERS = ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops", "mistral_common.tokens.tokenizers.utils",
-                 "llama_cpp")
-
-
-def quiet_libraries() -> None:
-    """Keep the toolkit's own lines readable: no weight-loading or GGUF de-quantizing progress bars, no notices
-    from the loggers above. Called before the libraries are imported, so that import-time warnings are caught."""
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader uses tqdm directly
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int,

@@ -276,19 +276,23 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
 
 # Notices that are not the toolkit's: torch's _pytree deprecation note when torchao registers its enums (imported by
 # peft and TRL), mistral-common's choice between two tokenizer files, bitsandbytes' optional CPU kernels package,
-# transformers' note that it ignores SmolLM2's clean_up_tokenization_spaces (a setting for WordPiece, not BPE).
-QUIET_LOGGERS = ("torch.utils._pytree", "mistral_common", "bitsandbytes", "transformers.tokenization_utils_tokenizers")
+# transformers' note that it ignores SmolLM2's clean_up_tokenization_spaces (a setting for WordPiece, not BPE),
+# torch's note, when torch.compile builds its CPU kernels, that no CUDA runtime is found.
+QUIET_LOGGERS = ("torch.utils._pytree", "mistral_common", "bitsandbytes", "transformers.tokenization_utils_tokenizers",
+                 "torch.utils.cpp_extension")
 HIDDEN_BARS = ("Loading weights",)
 
 
 def quiet_libraries() -> None:
-    """What the user reads is the toolkit's own lines: the loggers above are kept to errors (set before the libraries
-    import, which keeps their level) and datasets' progress bars (TRL's preprocessing maps) are off. Run when this
-    module is imported, which every script does before torch."""
+    """What the user reads is the toolkit's own lines: the loggers above and transformers' own (its generation and
+    deprecation notices) are kept to errors, set before the libraries import, which keeps their level; datasets'
+    progress bars (TRL's preprocessing maps) are off. The environment's own TRANSFORMERS_VERBOSITY wins. Run when
+    this module is imported, which every script does before torch."""
     import logging
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import itertools
 import json
 import os
 import signal
@@ -487,6 +489,76 @@ def test_trl_api_pin(learnable_data, tmp_path):
     assert trainer.args.max_length == 128 and trainer.args.completion_only_loss
     assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id  # Mistral's <pad> is no vocabulary entry
     assert trainer.model.config._attn_implementation == "eager"  # flops.cpu_plan's attention, on a CPU
+
+
+def test_cpu_plan_compiles_decoder_layers_to_the_same_loss_and_gradients(learnable_data, tmp_path):
+    """On a CPU with a C++ compiler (this machine's and CI's) the hf engine compiles every decoder layer; the
+    compiled layers give the loss and LoRA gradients of the same layers run op by op, over batches of two lengths
+    (one compilation with dynamic shapes serves both)."""
+    import torch
+
+    argv = ["--data", str(learnable_data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"]
+    compiled, _ = build_trainer(argv)
+    eager, _ = build_trainer([*argv, "--no-compile"])
+    layers = [m for m in compiled.model.modules() if type(m).__name__ == "MistralDecoderLayer"]
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in eager.model.modules())
+    batches = list(itertools.islice(iter(compiled.get_train_dataloader()), 3))
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+
+    def loss_and_grads(trainer, batch):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+
+    for batch in batches:
+        (loss_c, grads_c), (loss_e, grads_e) = loss_and_grads(compiled, batch), loss_and_grads(eager, batch)
+        assert loss_c == pytest.approx(loss_e, rel=1e-4)
+        for a, b in zip(grads_c, grads_e, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cpu_loss_on_the_answers_equals_the_models_own(compiled, learnable_data, tmp_path):
+    """The CPU trainer's loss (the LM head on the answer positions only, as TRL's fused head computes it) gives the
+    loss and LoRA gradients of the model's own forward over the whole batch, with the Trainer's token count for
+    gradient accumulation (num_items_in_batch) and without."""
+    import torch
+    from transformers import Trainer
+
+    argv = ["--data", str(learnable_data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf",
+            "--batch-size", "4", "--compile" if compiled else "--no-compile"]
+    trainer, _ = build_trainer(argv)
+    trainer.model.train()
+
+    def loss_and_grads(compute_loss, batch, n):
+        trainer.model.zero_grad()
+        loss = compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
+
+    for batch in itertools.islice(iter(trainer.get_train_dataloader()), 2):
+        for n in (None, torch.tensor(37)):
+            loss, grads = loss_and_grads(trainer.compute_loss, batch, n)
+            own_loss, own_grads = loss_and_grads(functools.partial(Trainer.compute_loss, trainer), batch, n)
+            assert loss == pytest.approx(own_loss, rel=1e-5) and own_grads.norm() > 0
+            torch.testing.assert_close(grads, own_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_follows_the_flag_the_device_and_the_compiler(learnable_data, tmp_path, monkeypatch):
+    import torch
+
+    argv = ["--data", str(learnable_data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"]
+    assert finetune.compile_wanted(finetune.parse(argv))[0] is True
+    assert finetune.compile_wanted(finetune.parse([*argv, "--no-compile"])) == (False, "off (--no-compile)")
+    assert finetune.compile_wanted(finetune.parse([*argv[:-1], "unsloth"]))[0] is False
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    on, why = finetune.compile_wanted(finetune.parse(argv))
+    assert not on and "no C++ compiler" in why
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert finetune.compile_wanted(finetune.parse(argv))[0] is False
 
 
 # ---------------------------------------------------------------------------------------------------------------

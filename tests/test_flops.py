@@ -167,3 +167,39 @@ def test_cpu_precision_follows_native_bf16(monkeypatch, flags, precision):
     plan = flops.cpu_plan()
     assert plan["precision"] == precision and plan["four_bit"] is False and plan["engine"] == "hf"
     assert plan["attention"] == "eager"
+
+
+def test_head_flops_count_on_the_predicted_positions_alone():
+    arch = Architecture.from_config(lora_model(False)[1].to_dict())
+    every = flops.training_flops(arch, [64], RANK, TARGETS)
+    answers = flops.training_flops(arch, [64], RANK, TARGETS, predicted=20)
+    assert every - answers == pytest.approx(4 * arch.hidden * arch.vocab * (64 - 20))
+
+
+def test_cpu_loss_runs_the_head_on_the_answers_as_counted(tmp_path):
+    """finetune.py's CPU loss projects only the answer positions through the LM head: torch's count of one training
+    step agrees with training_flops given the positions watch_batches saw (one record, so no padding; not compiled,
+    since the counter does not see inside Inductor's kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from test_finetune import PROJECTIONS, TINY, TRAIN_APPS, VAL_APPS, build_trainer, howto_records, write_split
+
+    data = tmp_path / "data"
+    write_split(data, "train", howto_records(TRAIN_APPS))
+    write_split(data, "val", howto_records(VAL_APPS)[:4])
+    trainer, _ = build_trainer(["--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf",
+                                "--batch-size", "1", "--no-compile"])
+    batches = flops.watch_batches(trainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert batches == []  # evaluation passes are not training
+    trainer.model.train()
+    with FlopCounterMode(display=False) as counter:
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+    (seen,) = batches
+    length, answers = batch["input_ids"].shape[1], int((batch["labels"][:, 1:] != -100).sum())
+    assert seen == {"lengths": [length], "computed": length, "predicted": answers} and 0 < answers < length
+    arch = Architecture.from_config(trainer.model.config.to_dict())
+    ours = flops.training_flops(arch, seen["lengths"], 8, PROJECTIONS, predicted=seen["predicted"])
+    assert ours == pytest.approx(counter.get_total_flops(), rel=0.02)

@@ -23,8 +23,8 @@ records (howto.chat.encode_example) with the loss on the answer only. `unsloth` 
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
 (configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention and each decoder
 layer compiled by torch.compile (howto.flops.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
-positions alone, as TRL's fused head computes them on a GPU. Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
-(howto.flops.checkpointing_needed).
+positions alone, as TRL's fused head computes them on a GPU. Gradient checkpointing is on where memory needs it
+(always on a GPU) and off where not (howto.flops.checkpointing_needed).
 """
 from __future__ import annotations
 
@@ -520,7 +520,7 @@ def cpu_sft_trainer(compiled: bool) -> type:
     Triton's, which has no CPU backend; Unsloth's CPU fallback routes it to a CPU kernel, the plain hf engine on a
     CPU needs this instead. The prompt's positions (about half of the loop's) then cost no LM head and no
     log-softmax over the vocabulary; with `compiled` the cross-entropy is compiled too, so its float32 logits are
-    never written out whole. Where the Trainer asks for the logits (`return_outputs`), the model's own forward.
+    never written out whole.
     """
     import torch
     import torch.nn.functional as F
@@ -535,8 +535,10 @@ def cpu_sft_trainer(compiled: bool) -> type:
     class CPUSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
-            if return_outputs:
-                return Trainer.compute_loss(self, model, inputs, return_outputs=True,
+            # The logits asked for, or a model wrapped for several processes (DDP), whose own forward prepares the
+            # gradients' all-reduce: the model's own forward over every position
+            if return_outputs or model is not self.accelerator.unwrap_model(model):
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             causal_lm = model.get_base_model()
             hidden = causal_lm.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state

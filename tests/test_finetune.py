@@ -28,6 +28,9 @@ from howto import chat
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = ["--model", "tiny", "--lora-r", "8", "--lora-alpha", "16", "--max-seq-length", "128", "--grad-accum", "1"]
+# For the long hf-engine runs whose subject is not compilation: on the tiny model torch.compile's tracing costs far
+# more than it saves (the compiled path has its own tests, and the Ctrl-C and accelerate tests run compiled).
+NOT_COMPILED = ["--no-compile"]
 
 TASKS = {
     "reset my password": ["Open the {app} app", "Tap 'Forgot password'", "Enter your email address",
@@ -143,8 +146,8 @@ def test_unsloth_training_lowers_validation_loss(learnable_data, tmp_path, tiny_
 
 def test_early_stopping_stops_and_keeps_the_best_checkpoint(small_data, tmp_path):
     out = tmp_path / "run"
-    finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--epochs", "20",
-                   "--lr", "5e-2", "--batch-size", "4", "--patience", "1"])
+    finetune.main(["--data", str(small_data), "--out", str(out), *TINY, *NOT_COMPILED, "--engine", "hf", "--epochs",
+                   "20", "--lr", "5e-2", "--batch-size", "4", "--patience", "1"])
     info = read_json(out / "run_info.json")
     assert info["stopped_early"] and info["global_step"] < info["max_steps"] == 20
     best_step = info["best_step"]
@@ -272,8 +275,8 @@ def test_interrupted_sweep_continues_its_trial_from_the_checkpoint(small_data, t
     """Ctrl-C in a sweep leaves the trial unfinished in the Optuna study; --resume runs the same choice again in the
     same folder, from its last checkpoint."""
     out = tmp_path / "sweep-run"
-    flags = ["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--sweep", "--sweep-lr", "1e-2",
-             "--sweep-epochs", "10", "--sweep-batch-size", "2", "--patience", "0"]
+    flags = ["--data", str(small_data), "--out", str(out), *TINY, *NOT_COMPILED, "--engine", "hf", "--sweep",
+             "--sweep-lr", "1e-2", "--sweep-epochs", "10", "--sweep-batch-size", "2", "--patience", "0"]
     trial = out / "sweep" / "trial-1"
     interrupt_at_first_checkpoint(flags, trial)
     stopped = read_json(trial / "run_info.json")["interrupted_at_step"]

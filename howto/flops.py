@@ -16,9 +16,10 @@ so 4N + 6P + 12LdT per token without checkpointing (a full fine-tune would be na
 tests/test_flops.py checks these counts against torch's own FlopCounterMode on a real model.
 
 The LM head's share of N counts on the positions whose next token is trained (the answers), not on every token:
-the loss needs no logits for the prompt, TRL's fused LM head (the GPU path's loss) and finetune.py's CPU loss
-compute none there, and like padding, work a run could skip is not work the model needed. Where an engine computes
-the head on every position anyway, the MFU understates rather than overstates.
+the loss needs no logits for the prompt, TRL's fused LM head (the GPU path's loss) and finetune.py's CPU loss in
+one process compute none there, and like padding, work a run could skip is not work the model needed. Where an
+engine computes the head on every position anyway (Unsloth's own loss, several CPU processes under DDP), the MFU
+understates rather than overstates.
 
 MFU is the achieved model FLOP/s (useful tokens only, recomputation left out, as PaLM defines it) over the peak
 FLOP/s of the precision the run computes in; HFU counts the recomputation too. The peak is the GPU's rated dense

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import time
 from typing import Any, Sequence
 
@@ -187,12 +188,24 @@ def cpu_plan() -> dict[str, Any]:
     import torch
 
     precision, reason = cpu_precision()
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = working_cxx()
     compile_reason = (f"on (Inductor with {compiler}: fused ops between the matmuls)" if compiler else
-                      "off (no C++ compiler for Inductor: install g++ or set CXX)")
+                      "off (no working C++ compiler for Inductor: install g++ or set CXX)")
     return {"engine": "hf", "precision": precision, "four_bit": False, "attention": "eager",
             "compile": compiler is not None, "compile_reason": compile_reason,
             "threads": torch.get_num_threads(), "reason": reason}
+
+
+def working_cxx() -> str | None:
+    """The C++ compiler Inductor would build with ($CXX, else g++), if it answers `--version` as Inductor checks it."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        return None
+    try:
+        subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return compiler
 
 
 def cpu_precision() -> tuple[str, str]:

@@ -556,9 +556,10 @@ def test_compile_follows_the_flag_the_device_and_the_compiler(learnable_data, tm
     assert finetune.compile_wanted(finetune.parse(argv))[0] is True
     assert finetune.compile_wanted(finetune.parse([*argv, "--no-compile"])) == (False, "off (--no-compile)")
     assert finetune.compile_wanted(finetune.parse([*argv[:-1], "unsloth"]))[0] is False
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    on, why = finetune.compile_wanted(finetune.parse(argv))
-    assert not on and "no C++ compiler" in why
+    for broken in ("no-such-compiler", "false"):  # not found; found, but fails as Inductor's check would see it
+        monkeypatch.setenv("CXX", broken)
+        on, why = finetune.compile_wanted(finetune.parse(argv))
+        assert not on and "no working C++ compiler" in why
     monkeypatch.delenv("CXX")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert finetune.compile_wanted(finetune.parse(argv))[0] is False

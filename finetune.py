@@ -373,7 +373,7 @@ def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: 
         console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if not cuda:
-        kwargs["attn_implementation"] = flops.cpu_plan()["attention"]
+        kwargs["attn_implementation"] = flops.CPU_ATTENTION
     if four_bit:
         kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
     if cuda and not sharded_launch():
@@ -397,9 +397,10 @@ def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
     checkpointing, why = flops.checkpointing_needed(path, args, precision)
     console.print(f"gradient checkpointing {why}")
     model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision, checkpointing)
-    compiling, why = compile_wanted(args)
+    # Decided once: the resolved choice goes into the run's config and the trainer reads it from there
+    args.compile, why = compile_wanted(args)
     console.print(f"torch.compile {why}")
-    if compiling:
+    if args.compile:
         compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}: {trainable:,} trainable parameters")
@@ -444,11 +445,12 @@ def set_pad_token(tokenizer: Any) -> None:
 # --------------------------------------------------------------------------------------------------------- Trainer
 
 def optimizer_for(engine: str) -> str:
-    """8-bit AdamW on a GPU (Unsloth's recipe; the paged variant is the QLoRA paper's), plain AdamW on a CPU."""
+    """8-bit AdamW on a GPU (Unsloth's recipe; the paged variant is the QLoRA paper's); on a CPU torch's fused AdamW
+    (transformers' default), one kernel over all the LoRA weights where torch's plain AdamW runs one per weight."""
     import torch
 
     if not torch.cuda.is_available():
-        return "adamw_torch"
+        return "adamw_torch_fused"
     return "adamw_8bit" if engine == "unsloth" else "paged_adamw_8bit"
 
 
@@ -504,7 +506,7 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     if args.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
     trainer_class = (SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else
-                     cpu_sft_trainer(compile_wanted(args)[0]))
+                     cpu_sft_trainer(bool(args.compile)))
     trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=val,
                             processing_class=tokenizer, callbacks=callbacks)
     # transformers' own bar, or its log-dict printer where its logger is quieter than warnings (howto.models)
@@ -541,10 +543,13 @@ def cpu_sft_trainer(compiled: bool) -> type:
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             causal_lm = model.get_base_model()
-            hidden = causal_lm.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
             targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
             answer = targets != -100
-            loss = head_loss(hidden[:, :-1][answer], causal_lm.get_output_embeddings().weight, targets[answer])
+            # accelerate's mixed precision wraps the model's own forward, which this bypasses: without it the fp32
+            # LoRA weights would pull their matmuls to fp32
+            with self.accelerator.autocast():
+                hidden = causal_lm.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+                loss = head_loss(hidden[:, :-1][answer], causal_lm.get_output_embeddings().weight, targets[answer])
             loss = loss / (answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
@@ -638,6 +643,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         history_before, tokens_before = len(resumed.log_history), resumed.num_input_tokens_seen
         info["resumed_from_step"] = resumed.global_step
     batches = flops.watch_batches(trainer)  # lengths, padding and answer positions, for MFU and padding waste
+    peak_before, _ = flops.peak_flops(precision)
     start = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -662,7 +668,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         "wall_time_s": round(wall, 2),
         "train_tokens": int(tokens),
         "train_tokens_per_s": round(tokens / max(wall - eval_time, 1e-9), 1),
-        **flops.run_usage(model, batches, max(wall - eval_time, 1e-9), args, precision),
+        **flops.run_usage(model, batches, max(wall - eval_time, 1e-9), args, precision, peak_before),
         "world_size": trainer.args.world_size,
         "global_step": state.global_step,
         "max_steps": state.max_steps,

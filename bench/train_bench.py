@@ -21,8 +21,9 @@ Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" r
 The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
 loop's own. Tokens per second count useful (non-padding) tokens over the optimizer steps after the warm-up. MFU is
 howto.flops' model FLOPs of those tokens over the peak: on a CPU a dense matmul of the run's dtype measured in the
-same process, on the same threads, just before and just after training (the mean is used, both are shown), so a busy
-machine slows both sides of the ratio; on a GPU the rated peak. HFU adds the recomputation of checkpointing. Padding
+same process, on the same threads, just before and just after training (the higher is used, both are shown), so a
+machine busy throughout slows both sides of the ratio while a moment of contention during one measurement does not
+inflate MFU; on a GPU the rated peak. HFU adds the recomputation of checkpointing. Padding
 waste is the share of computed token positions that were padding. The warm-up column is the time from the start of
 training to the end of the warm-up steps (the untrained model's evaluation included), where torch.compile builds its
 kernels (Inductor caches them on disk, so only the first compiling row of a machine pays the full build;
@@ -389,9 +390,9 @@ def row_result(case: dict[str, Any], args: argparse.Namespace, arch: Architectur
     timed = batches[warmup:len(marks)]
     (wall0, cpu0), (wall1, cpu1) = marks[warmup - 1], marks[-1]
     seconds, cpu_seconds = wall1 - wall0, cpu1 - cpu0
-    peak = mean_peak(peak_before["wall"], peak_after["wall"])
+    peak = higher_peak(peak_before["wall"], peak_after["wall"])
     use = flops.usage(arch, timed, seconds, args.lora_r, args.target_modules, case["checkpointing"] is not False, peak)
-    peak_cpu = mean_peak(peak_before["cpu"], peak_after["cpu"])
+    peak_cpu = higher_peak(peak_before["cpu"], peak_after["cpu"])
     model_flops = use["flops_per_s"] * seconds
     return {
         **case, **use, "four_bit_loaded": four_bit, "threads_used": torch.get_num_threads(),
@@ -404,8 +405,9 @@ def row_result(case: dict[str, Any], args: argparse.Namespace, arch: Architectur
     }
 
 
-def mean_peak(before: float | None, after: float | None) -> float | None:
-    return (before + after) / 2 if before and after else None
+def higher_peak(before: float | None, after: float | None) -> float | None:
+    """The machine's peak is its fastest rate: contention during one of the two measurements must not inflate MFU."""
+    return max(before, after) if before and after else None
 
 
 # ------------------------------------------------------------------------------------------------------- Report

@@ -175,6 +175,10 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+# transformers' eager attention on a CPU: see cpu_plan
+CPU_ATTENTION = "eager"
+
+
 def cpu_plan() -> dict[str, Any]:
     """Engine, precision, 4-bit, attention and threads for training on this CPU, from what it supports and what
     bench/train_bench.py measured (README, Benchmarks): on a CPU both engines train the same transformers model with
@@ -191,7 +195,7 @@ def cpu_plan() -> dict[str, Any]:
     compiler = working_cxx()
     compile_reason = (f"on (Inductor with {compiler}: fused ops between the matmuls)" if compiler else
                       "off (no working C++ compiler for Inductor: install g++ or set CXX)")
-    return {"engine": "hf", "precision": precision, "four_bit": False, "attention": "eager",
+    return {"engine": "hf", "precision": precision, "four_bit": False, "attention": CPU_ATTENTION,
             "compile": compiler is not None, "compile_reason": compile_reason,
             "threads": torch.get_num_threads(), "reason": reason}
 
@@ -218,10 +222,14 @@ def cpu_precision() -> tuple[str, str]:
     return "fp32", f"CPU ({capability}) without native bfloat16, which torch would emulate: float32"
 
 
-def run_usage(model: Any, batches: list[dict[str, Any]], seconds: float, args: Any, precision: str) -> dict[str, Any]:
+def run_usage(model: Any, batches: list[dict[str, Any]], seconds: float, args: Any, precision: str,
+              peak_before: float | None) -> dict[str, Any]:
     """A finished run's achieved FLOP/s, MFU and padding waste for its run_info.json and summary: the batches
-    watch_batches saw, over the training time without evaluations, against the peak measured or rated now."""
-    peak, source = peak_flops(precision)
+    watch_batches saw, over the training time without evaluations, against the higher of the peaks measured (or
+    rated) before training and now. The machine's peak is its fastest rate: a moment of contention during one
+    measurement (seen: a third off the peak at a run's end) would otherwise inflate MFU."""
+    peak_after, source = peak_flops(precision)
+    peak = max((p for p in (peak_before, peak_after) if p), default=None)
     use = usage(Architecture.from_config(model.config.to_dict()), batches, seconds, args.lora_r, args.target_modules,
                 bool(getattr(model, "is_gradient_checkpointing", False)), peak)
     return {"train_tflops_per_s": round(use["flops_per_s"] / 1e12, 4),

@@ -318,7 +318,7 @@ def test_data_file_and_out_file_are_refused_before_any_work(learnable_data, tmp_
 # The label mask, token by token, for both engines
 # ---------------------------------------------------------------------------------------------------------------
 
-def build_trainer(argv: list[str]) -> tuple:
+def build_trainer(argv: list[str], precision: str | None = None) -> tuple:
     """The trainer finetune.py would train with, built by its own functions, and the tokenizer it was given."""
     from howto import models
 
@@ -328,7 +328,7 @@ def build_trainer(argv: list[str]) -> tuple:
     base = models.resolve_model(args.model)
     tokenizer = models.load_tokenizer(base)
     data = finetune.tokenize_splits(args, tokenizer, records, Path(args.out), Console(record=True))
-    precision, _ = finetune.choose_precision(args.engine)
+    precision = precision or finetune.choose_precision(args.engine)[0]
     model = finetune.load_model(args, base, precision)
     return finetune.build_trainer(model, tokenizer, data["train"], data["val"], args, Path(args.out), precision), \
         tokenizer
@@ -484,7 +484,7 @@ def test_trl_api_pin(learnable_data, tmp_path):
         assert getattr(config, key) == kwargs[key], key
     assert (config.max_length, config.completion_only_loss) == (128, True)
     assert (config.eval_strategy, config.save_strategy) == ("epoch", "epoch")
-    assert (config.lr_scheduler_type, config.optim) == ("linear", "adamw_torch")
+    assert (config.lr_scheduler_type, config.optim) == ("linear", "adamw_torch_fused")
     assert "processing_class" in inspect.signature(SFTTrainer.__init__).parameters
 
     trainer, tokenizer = build_trainer(argv)  # SFTTrainer(..., processing_class=tokenizer)
@@ -547,6 +547,23 @@ def test_cpu_loss_on_the_answers_equals_the_models_own(compiled, learnable_data,
             own_loss, own_grads = loss_and_grads(functools.partial(Trainer.compute_loss, trainer), batch, n)
             assert loss == pytest.approx(own_loss, rel=1e-5) and own_grads.norm() > 0
             torch.testing.assert_close(grads, own_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_loss_runs_in_the_runs_mixed_precision(learnable_data, tmp_path):
+    """In bf16 the CPU trainer's loss runs under accelerate's autocast, as the model's own (wrapped) forward would:
+    the fp32 LoRA weights' matmuls run in bf16. Outside it they ran in fp32, the loop's slowest small matmuls."""
+    import torch
+
+    argv = ["--data", str(learnable_data), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf", "--no-compile"]
+    trainer, _ = build_trainer(argv, precision="bf16")
+    lora_a = next(m for name, m in trainer.model.named_modules() if name.endswith("q_proj.lora_A.default"))
+    assert lora_a.weight.dtype == torch.float32  # peft keeps the adapter in fp32: the optimizer's master weights
+    seen = []
+    lora_a.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_compile_follows_the_flag_the_device_and_the_compiler(learnable_data, tmp_path, monkeypatch):

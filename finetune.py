@@ -23,8 +23,9 @@ records (howto.chat.encode_example) with the loss on the answer only. `unsloth` 
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
 (configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention and each decoder
 layer compiled by torch.compile (howto.flops.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
-positions alone, as TRL's fused head computes them on a GPU. Gradient checkpointing is on where memory needs it
-(always on a GPU) and off where not (howto.flops.checkpointing_needed).
+positions alone, as TRL's fused head computes them on a GPU, under the run's mixed precision, with torch's fused
+AdamW. Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
+(howto.flops.checkpointing_needed).
 """
 from __future__ import annotations
 

@@ -25,6 +25,10 @@ else
   QUANT=q8_0
 fi
 RUN="$OUT/$MODEL"
+if [ -d "$RUN/checkpoints" ]; then
+  echo "$RUN holds an earlier run: keep it and write this one elsewhere (OUT=runs-2 bash run.sh), or remove it (rm -r $RUN)." >&2
+  exit 1
+fi
 
 "$PY" prepare_data.py "$DATA" --out "$OUT/data" --model "$MODEL" --config "$CONFIG"
 "$PY" finetune.py --data "$OUT/data" --out "$RUN" --model "$MODEL" --config "$CONFIG" --export gguf --quant "$QUANT"

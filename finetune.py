@@ -424,9 +424,8 @@ def compile_layers(model: Any) -> None:
     """torch.compile every decoder layer, each compiled once with dynamic shapes (a batch's length varies) and the
     same code reused by all layers: Inductor fuses the small ops between the matmuls that eager mode runs one by one
     in bf16/fp32 round trips. Compiling the whole model would unroll all its layers into one graph, which takes
-    several times longer to compile. Inductor caches what it built in TORCHINDUCTOR_CACHE_DIR, by default beside the
-    toolkit's models (its own default, the temp folder, is emptied on a reboot), so later runs start in seconds."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(models.cache_dir() / "torch-compile"))
+    several times longer to compile. Inductor caches what it built (howto.models.compile_cache: beside the toolkit's
+    models), so later runs start in seconds."""
     base = model.get_base_model()
     layer_classes = set(getattr(base, "_no_split_modules", None) or [])
     for module in base.modules():

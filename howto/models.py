@@ -318,5 +318,13 @@ def passive_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def compile_cache() -> None:
+    """torch.compile's kernels (Inductor's cache) beside the toolkit's models, not in the temp folder that a reboot
+    empties, unless the environment chooses (TORCHINDUCTOR_CACHE_DIR): a machine builds them once. Inductor settles
+    its folder when something first imports it (transformers does), so this runs when this module is imported."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch-compile"))
+
+
 quiet_libraries()
 passive_threads()
+compile_cache()

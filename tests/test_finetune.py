@@ -566,6 +566,21 @@ def test_cpu_loss_runs_in_the_runs_mixed_precision(learnable_data, tmp_path):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def test_compiled_kernels_are_cached_beside_the_models(tmp_path, monkeypatch):
+    """Inductor's folder, as torch resolves it once finetune's imports are done (transformers' import settles it), is
+    under HOWTO_CACHE rather than the temp folder; a TORCHINDUCTOR_CACHE_DIR of the user's own wins."""
+    from howto import models
+
+    code = "import finetune; from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HOWTO_CACHE": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == str(tmp_path / "torch-compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    models.compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 def test_compile_follows_the_flag_the_device_and_the_compiler(learnable_data, tmp_path, monkeypatch):
     import torch
 

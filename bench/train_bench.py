@@ -390,9 +390,9 @@ def row_result(case: dict[str, Any], args: argparse.Namespace, arch: Architectur
     timed = batches[warmup:len(marks)]
     (wall0, cpu0), (wall1, cpu1) = marks[warmup - 1], marks[-1]
     seconds, cpu_seconds = wall1 - wall0, cpu1 - cpu0
-    peak = higher_peak(peak_before["wall"], peak_after["wall"])
+    peak = flops.higher_peak(peak_before["wall"], peak_after["wall"])
     use = flops.usage(arch, timed, seconds, args.lora_r, args.target_modules, case["checkpointing"] is not False, peak)
-    peak_cpu = higher_peak(peak_before["cpu"], peak_after["cpu"])
+    peak_cpu = flops.higher_peak(peak_before["cpu"], peak_after["cpu"])
     model_flops = use["flops_per_s"] * seconds
     return {
         **case, **use, "four_bit_loaded": four_bit, "threads_used": torch.get_num_threads(),
@@ -403,11 +403,6 @@ def row_result(case: dict[str, Any], args: argparse.Namespace, arch: Architectur
         "peak_memory_gib": finetune.peak_memory_gib(), "measured_steps": len(timed),
         "load_average_1min": os.getloadavg()[0], "gpu": torch_gpu_name(),
     }
-
-
-def higher_peak(before: float | None, after: float | None) -> float | None:
-    """The machine's peak is its fastest rate: contention during one of the two measurements must not inflate MFU."""
-    return max(before, after) if before and after else None
 
 
 # ------------------------------------------------------------------------------------------------------- Report

@@ -127,6 +127,11 @@ def peak_flops(precision: str) -> tuple[float | None, str]:
     return measured_peak_flops(precision)[0], f"{precision} matmul measured on {torch.get_num_threads()} thread(s)"
 
 
+def higher_peak(*peaks: float | None) -> float | None:
+    """The machine's peak is its fastest rate: contention during one of several measurements must not inflate MFU."""
+    return max((p for p in peaks if p), default=None)
+
+
 def watch_batches(trainer: Any) -> list[dict[str, Any]]:
     """A list that fills with every training batch the trainer computes a loss on: its lengths, its padded size and
     its positions whose next token is trained (evaluation batches, in eval mode, are left out). Seen at the
@@ -229,7 +234,7 @@ def run_usage(model: Any, batches: list[dict[str, Any]], seconds: float, args: A
     rated) before training and now. The machine's peak is its fastest rate: a moment of contention during one
     measurement (seen: a third off the peak at a run's end) would otherwise inflate MFU."""
     peak_after, source = peak_flops(precision)
-    peak = max((p for p in (peak_before, peak_after) if p), default=None)
+    peak = higher_peak(peak_before, peak_after)
     use = usage(Architecture.from_config(model.config.to_dict()), batches, seconds, args.lora_r, args.target_modules,
                 bool(getattr(model, "is_gradient_checkpointing", False)), peak)
     return {"train_tflops_per_s": round(use["flops_per_s"] / 1e12, 4),

@@ -86,6 +86,13 @@ def test_gpu_rated_peaks(name, precision, tflops):
     assert peak == (pytest.approx(tflops * 1e12) if tflops else None)
 
 
+def test_mfu_takes_the_higher_of_the_peaks_measured():
+    """A peak measured during a moment of contention is lower than the machine's: the higher one counts, and a
+    missing one (no rated peak for a GPU) is left out."""
+    assert flops.higher_peak(253e9, 410e9) == flops.higher_peak(410e9, None) == 410e9
+    assert flops.higher_peak(None, None) is None
+
+
 def test_cpu_peak_is_measured_and_plausible():
     """A dense fp32 matmul timed on the spot: a rate between 0.1 GFLOP/s and 100 TFLOP/s, not a constant, and per
     CPU-second no more than the threads can give in a second of wall time."""

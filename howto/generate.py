@@ -74,9 +74,7 @@ class GGUFGenerator:
 
     def __init__(self, gguf: str, tokenizer: Any, context: int, max_new_tokens: int, temperature: float, seed: int,
                  gpu: bool):
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=gguf, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0)
+        self.llm = open_gguf(gguf, context, seed, gpu)
         self.canonical_tokenizer = tokenizer
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 
@@ -89,6 +87,33 @@ class GGUFGenerator:
                                              top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=self.seed)
             answers.append((out["choices"][0]["text"].strip(), int(out["usage"]["completion_tokens"])))
         return answers
+
+
+def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
+    """A GGUF file loaded by llama.cpp, without its AMX weight buffers on a CPU that has AMX.
+
+    llama.cpp built for a CPU with AMX (Intel Sapphire Rapids and later) repacks the weights into AMX buffers, and
+    its AMX matmul crashed the process (SIGSEGV in ggml_backend_amx_mul_mat, seen on a 2-core Xeon VM with amx_int8).
+    llama-cpp-python has no flag for llama.cpp's `use_extra_bufts` (llama-server's --no-repack), so the model
+    parameters it starts from are changed while this one model loads; the same weights then run on AVX-512.
+    """
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    from howto.flops import cpu_flags
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+    if not gpu and "amx_int8" in cpu_flags():
+        def no_extra_buffers() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def is_gguf_file(path: str) -> bool:

@@ -567,6 +567,7 @@ def summarise_run(tables: dict[str, Table], systems: list[System], exports: list
         comparisons[name] = compare(tables[baseline], tables[name], common, args.bootstrap, args.seed)
         differing[name] = differing_examples(tables[baseline], tables[name], common, args.show_examples)
     return {
+        "verdicts": {name: verdict(baseline, name, tables, comparisons[name]) for name in comparisons},
         "n_examples": len(tables[baseline]),
         "baseline": baseline,
         "settings": {
@@ -585,7 +586,30 @@ def summarise_run(tables: dict[str, Table], systems: list[System], exports: list
         "by_n_ref_steps": {name: breakdown(tables[name], "n_ref_steps") for name in names},
         "differing_examples": differing,
         "failures": {name: [r["prompt"] for r in tables[name].values() if not r["format_valid"]] for name in names},
+        "looping": {name: looping_examples(tables[name], args.show_examples) for name in names},
     }
+
+
+def verdict(baseline: str, name: str, tables: dict[str, Table], comparison: dict[str, Any]) -> str:
+    """One line on whether `name` answers better than `baseline`: BERTScore F1's interval decides, but a system
+    that loops on more answers than its baseline is never called better, whatever its scores."""
+    loops = {n: sum(r["looping"] for r in tables[n].values()) for n in (baseline, name)}
+    f1 = comparison["bertscore_f1"]
+    if loops[name] > loops[baseline]:
+        return (f"not better: {name} loops on {loops[name]} of {len(tables[name])} answers, {baseline} on "
+                f"{loops[baseline]}")
+    if f1["ci_low"] is not None and f1["ci_low"] > 0:
+        return f"better: BERTScore F1 {f1['delta']:+.3f} [{f1['ci_low']:.3f}, {f1['ci_high']:.3f}]"
+    if f1["ci_high"] is not None and f1["ci_high"] < 0:
+        return f"worse: BERTScore F1 {f1['delta']:+.3f} [{f1['ci_low']:.3f}, {f1['ci_high']:.3f}]"
+    return "no clear difference: BERTScore F1's interval includes zero"
+
+
+def looping_examples(table: Table, k: int) -> list[dict[str, Any]]:
+    """The worst looping answers (most repeated steps first), shown as generated."""
+    rows = sorted((r for r in table.values() if r["looping"]), key=lambda r: (-r["repeated_steps"], -r["n_gen_steps"]))
+    return [{"prompt": r["prompt"], "repeated_steps": round(r["repeated_steps"], 3), "n_gen_steps": r["n_gen_steps"],
+             "n_ref_steps": r["n_ref_steps"], "output": r["output"]} for r in rows[:k]]
 
 
 def parity_section(tables: dict[str, Table], exports: list[System], args: argparse.Namespace) -> dict[str, Any] | None:
@@ -686,6 +710,8 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
         console.print(table)
 
     baseline = metrics["baseline"]
+    for name, line in metrics.get("verdicts", {}).items():
+        console.print(f"{name} against {baseline}: {line}")
     for name in metrics["comparisons"]:
         show(f"{name} vs {baseline} ({metrics['n_paired'][name]} of {metrics['n_examples']} prompts paired)",
              report.results_header(baseline, name), report.results_rows(metrics, name))

@@ -1,7 +1,8 @@
 """How close generated steps are to reference steps, and whether one system beats another.
 
 Per example: BERTScore (P, R, F1) of the steps joined one a line, step-order accuracy with step coverage and exact
-order (see `order_metrics`), format validity and step-count error. Per pair of systems: the mean difference with a
+order (see `order_metrics`), format validity, step-count error, and degeneration: the share of repeated steps and
+whether the answer loops (`is_looping`). Per pair of systems: the mean difference with a
 paired bootstrap confidence interval and a Wilcoxon signed-rank p-value.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,8 +24,13 @@ MINILM = "minilm"
 # the rest, since each step's own paraphrase outbids its neighbours; the threshold decides what counts as missing.
 DEFAULT_ALIGN_THRESHOLD = 0.5
 METRICS = ("bertscore_p", "bertscore_r", "bertscore_f1", "order_accuracy", "step_coverage", "exact_order",
-           "format_valid", "step_count_error")
-LOWER_IS_BETTER = frozenset({"step_count_error"})
+           "format_valid", "step_count_error", "looping", "repeated_steps")
+LOWER_IS_BETTER = frozenset({"step_count_error", "looping", "repeated_steps"})
+# An answer loops when it has at least LOOP_MIN_STEPS steps and fewer than LOOP_DISTINCT of them are distinct:
+# "1. open the app / 2. tap the device / 3. tap the device / ..." to the token cap. A reference list repeats a step
+# now and then ("tap 'next'" twice); a loop repeats most of them.
+LOOP_MIN_STEPS = 4
+LOOP_DISTINCT = 0.7
 
 Similarity = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
@@ -218,6 +225,23 @@ def format_valid(steps: Sequence[str]) -> int:
     return int(len(steps) >= 2)
 
 
+def _step_key(step: str) -> str:
+    """What makes two steps the same step: their words, case and punctuation aside."""
+    return " ".join(re.findall(r"\w+", step.casefold()))
+
+
+def repeated_steps(steps: Sequence[str]) -> float:
+    """The share of steps that repeat an earlier step word for word (0 for an answer of no steps)."""
+    if not steps:
+        return 0.0
+    return 1 - len({_step_key(s) for s in steps}) / len(steps)
+
+
+def is_looping(steps: Sequence[str]) -> int:
+    """1 when the answer is a loop rather than a list (see LOOP_MIN_STEPS and LOOP_DISTINCT)."""
+    return int(len(steps) >= LOOP_MIN_STEPS and 1 - repeated_steps(steps) < LOOP_DISTINCT)
+
+
 def join_steps(steps: Sequence[str]) -> str:
     """Steps one a line, without numbers: what BERTScore compares on both sides."""
     return "\n".join(s.strip() for s in steps)
@@ -248,7 +272,8 @@ def score_examples(generated: Sequence[Sequence[str]], references: Sequence[Sequ
             "bertscore_p": float(p[i]), "bertscore_r": float(r[i]), "bertscore_f1": float(f[i]),
             "order_accuracy": order["order_accuracy"], "step_coverage": order["step_coverage"],
             "exact_order": order["exact_order"], "format_valid": format_valid(gen),
-            "step_count_error": abs(len(gen) - len(ref)), "n_ref_steps": len(ref), "n_gen_steps": len(gen),
+            "step_count_error": abs(len(gen) - len(ref)), "looping": is_looping(gen),
+            "repeated_steps": repeated_steps(gen), "n_ref_steps": len(ref), "n_gen_steps": len(gen),
             "n_aligned": order["n_aligned"], "alignment": order["alignment"],
         })
     return rows

@@ -1,11 +1,12 @@
 """Export parity: is the model that ships (a GGUF file, merged weights) as good as the adapter that was evaluated?
 
 Each export answers the same test prompts as the adapter; per export, the paired difference (export minus
-adapter) of BERTScore F1 and step-order accuracy with a 95% bootstrap CI, the share of answers that are word for
+adapter) of BERTScore F1, step-order accuracy and the share of looping answers with a 95% bootstrap CI, the share of answers that are word for
 word the same, and a verdict against a stated tolerance:
 
-- worse: on some metric the export loses more than the tolerance and the CI lies below zero (a real, large drop);
-- better: on some metric it gains more than the tolerance with the CI above zero, and is worse on none;
+- worse: on some metric the export loses more than the tolerance and the CI lies on the losing side of zero (a real,
+  large drop; for looping, a rise);
+- better: on some metric it gains more than the tolerance with the CI on the winning side, and is worse on none;
 - same: otherwise (differences within the tolerance, or not told apart from zero on these prompts).
 """
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from howto.metrics import paired_comparison
+from howto.metrics import LOWER_IS_BETTER, paired_comparison
 
-PARITY_METRICS = ("bertscore_f1", "order_accuracy")
+PARITY_METRICS = ("bertscore_f1", "order_accuracy", "looping")
 DEFAULT_TOLERANCE = 0.02
 
 
@@ -43,15 +44,16 @@ def export_name(path: Path) -> str:
 
 def verdict(comparisons: dict[str, dict[str, Any]], tolerance: float) -> str:
     """same / worse / better over the parity metrics (see the module's docstring)."""
-    def beyond(c: dict[str, Any], sign: int) -> bool:
+    def beyond(metric: str, c: dict[str, Any], sign: int) -> bool:
         if c["delta"] is None:
             return False
+        sign = -sign if metric in LOWER_IS_BETTER else sign
         bound = c["ci_high"] if sign < 0 else c["ci_low"]
         return sign * c["delta"] > tolerance and sign * bound > 0
 
-    if any(beyond(c, -1) for c in comparisons.values()):
+    if any(beyond(m, c, -1) for m, c in comparisons.items()):
         return "worse"
-    if any(beyond(c, +1) for c in comparisons.values()):
+    if any(beyond(m, c, +1) for m, c in comparisons.items()):
         return "better"
     return "same"
 

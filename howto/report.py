@@ -6,14 +6,17 @@ import base64
 import html
 from typing import Any
 
+import numpy as np
+
 from howto.chat import render_steps
-from howto.metrics import LOWER_IS_BETTER, METRICS, prompt_key
+from howto.metrics import LOOP_DISTINCT, LOOP_MIN_STEPS, LOWER_IS_BETTER, METRICS, prompt_key
 from howto.runio import figure_png, markdown_table, pyplot
 
 METRIC_LABELS = {
     "bertscore_p": "BERTScore precision", "bertscore_r": "BERTScore recall", "bertscore_f1": "BERTScore F1",
     "order_accuracy": "Step-order accuracy", "step_coverage": "Step coverage", "exact_order": "Exact order rate",
     "format_valid": "Format validity", "step_count_error": "Step-count error (|gen - ref|)",
+    "looping": "Looping answers (share)", "repeated_steps": "Repeated steps (share)",
 }
 RESULTS_HEADER = ("Metric", "{baseline}", "{name}", "Δ ({name} − {baseline})", "95% CI", "p (Wilcoxon)", "n paired")
 Block = tuple[Any, ...]
@@ -64,12 +67,12 @@ def results_rows(metrics: dict[str, Any], name: str) -> list[list[str]]:
 
 def parity_rows(parity: dict[str, Any]) -> list[list[str]]:
     return [[name, str(p["n_paired"]), f"{fmt(p['identical_share'], 2)} ({p['identical']})",
-             *(f"{fmt(p[m]['delta'], 3)} {fmt_ci(p[m])}" for m in ("bertscore_f1", "order_accuracy")),
+             *(f"{fmt(p[m]['delta'], 3)} {fmt_ci(p[m])}" for m in ("bertscore_f1", "order_accuracy", "looping")),
              p["verdict"]] for name, p in parity["exports"].items()]
 
 
 PARITY_HEADER = ["Export", "n paired", "identical answers", "Δ BERTScore F1 [95% CI]",
-                 "Δ step-order accuracy [95% CI]", "verdict"]
+                 "Δ step-order accuracy [95% CI]", "Δ looping answers [95% CI]", "verdict"]
 
 
 def forgetting_rows(forgetting: dict[str, Any]) -> list[list[str]]:
@@ -149,6 +152,9 @@ DEFINITIONS = [
     "aligned and in the reference order.",
     "Format validity = the output parses into at least two steps. Step-count error = |generated steps − "
     "reference steps|.",
+    f"Repeated steps = the share of an answer's steps that repeat an earlier step word for word (case and "
+    f"punctuation aside). A looping answer has at least {LOOP_MIN_STEPS} steps of which fewer than "
+    f"{LOOP_DISTINCT:.0%} are distinct.",
 ]
 PLOT_TITLES = {"distributions": "Per-example score distributions", "by_category": "Scores by category",
                "order_by_steps": "Order accuracy by number of reference steps"}
@@ -165,6 +171,8 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
                         f"({settings['bootstrap']['n_resamples']} resamples of prompts) and a two-sided Wilcoxon "
                         "signed-rank p. ▲/▼: the interval excludes zero, better/worse."))
 
+    if metrics.get("verdicts"):
+        blocks.append(("list", [f"{name} against {baseline}: {v}" for name, v in metrics["verdicts"].items()]))
     blocks.append(("h2", "Results"))
     for name in metrics["comparisons"]:
         blocks.append(("table", results_header(baseline, name), results_rows(metrics, name)))
@@ -215,6 +223,7 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
                 blocks.append(("steps", n, r["steps"]) if r["format_valid"] else
                               ("pre", f"{n} (not parsed as steps)", r["output"] or "(empty)"))
 
+    blocks += looping_blocks(metrics, tables)
     blocks.append(("h2", "Failures (outputs that do not parse into at least two steps)"))
     for name in names:
         failed = [r for r in tables[name].values() if not r["format_valid"]]
@@ -225,6 +234,21 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
 
     if metrics.get("ratings"):
         blocks += ratings_blocks(metrics["ratings"])
+    return blocks
+
+
+def looping_blocks(metrics: dict[str, Any], tables: dict[str, Table]) -> list[Block]:
+    """The section "Looping answers": how many per system, steps per answer against the reference's, and the worst
+    answers as generated, since a loop is what a reader sees first."""
+    rows = [[name, f"{sum(r['looping'] for r in table.values())} of {len(table)}",
+             fmt(float(np.mean([r["n_gen_steps"] for r in table.values()])), 1),
+             fmt(float(np.mean([r["n_ref_steps"] for r in table.values()])), 1)] for name, table in tables.items()]
+    blocks: list[Block] = [("h2", "Looping answers"),
+                           ("table", ["System", "looping answers", "steps per answer", "reference steps"], rows)]
+    for name, examples in metrics.get("looping", {}).items():
+        for ex in examples[:3]:
+            blocks.append(("pre", f"{name}: {ex['prompt']} ({ex['n_gen_steps']} steps, reference "
+                                  f"{ex['n_ref_steps']})", ex["output"][:800]))
     return blocks
 
 

@@ -40,14 +40,15 @@ def test_verdict_against_the_tolerance(f1, order, expected):
 
 
 def test_identical_share_and_differences_pair_by_prompt():
-    reference = {"a": {"output": "1. x\n2. y", "bertscore_f1": 0.9, "order_accuracy": 1.0},
-                 "b": {"output": "1. z", "bertscore_f1": 0.5, "order_accuracy": None},
-                 "c": {"output": "1. u\n2. v", "bertscore_f1": 0.8, "order_accuracy": 0.5}}
-    export = {"c": {"output": "1. u\n2. v ", "bertscore_f1": 0.8, "order_accuracy": 0.5},
-              "a": {"output": "1. x\n2. w", "bertscore_f1": 0.7, "order_accuracy": 1.0}}
+    reference = {"a": {"output": "1. x\n2. y", "bertscore_f1": 0.9, "order_accuracy": 1.0, "looping": 0},
+                 "b": {"output": "1. z", "bertscore_f1": 0.5, "order_accuracy": None, "looping": 0},
+                 "c": {"output": "1. u\n2. v", "bertscore_f1": 0.8, "order_accuracy": 0.5, "looping": 0}}
+    export = {"c": {"output": "1. u\n2. v ", "bertscore_f1": 0.8, "order_accuracy": 0.5, "looping": 0},
+              "a": {"output": "1. x\n2. w", "bertscore_f1": 0.7, "order_accuracy": 1.0, "looping": 1}}
     result = parity.export_parity(reference, export, tolerance=0.02, n_resamples=100, seed=0)
     assert result["n_paired"] == 2 and result["identical"] == 1 and result["identical_share"] == 0.5
     assert result["bertscore_f1"]["delta"] == pytest.approx(-0.1) and result["order_accuracy"]["n"] == 2
+    assert result["looping"]["delta"] == pytest.approx(0.5)
 
 
 def test_fail_on_regression_makes_a_worse_export_an_error(tmp_path):

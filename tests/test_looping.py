@@ -1,0 +1,74 @@
+"""Looping answers: caught per answer, counted in the report, and never called better than a baseline that loops
+less; an export that loops more than its adapter is worse."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import evaluate
+from howto import parity
+from howto.metrics import is_looping, repeated_steps
+
+LOOP = ["open the app", "tap the device", "tap the device", "tap the device", "tap the device", "tap the device"]
+
+
+@pytest.mark.parametrize("steps,share,looping", [
+    (LOOP, 4 / 6, 1),
+    (["Open the app.", "tap the device", "Tap the device!", "TAP THE DEVICE"], 0.5, 1),  # case and punctuation aside
+    (["open settings", "tap next", "enter the code", "tap next", "tap done"], 0.2, 0),  # one repeat is a list
+    (["tap next", "tap next", "tap next"], 2 / 3, 0),  # too short to call a loop
+    ([], 0.0, 0),
+])
+def test_repeated_steps_and_loops(steps, share, looping):
+    assert repeated_steps(steps) == pytest.approx(share)
+    assert is_looping(steps) == looping
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+RECORDS = [{"prompt": f"How do I do task {i} in the app?", "category": "apps",
+            "response": [f"open the app for task {i}", f"tap option {i}", f"enter value {i}", f"tap save {i}"]}
+           for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def looping_run(tmp_path_factory):
+    """A baseline that answers each reference once, against a system that matches more of the words but loops."""
+    root = tmp_path_factory.mktemp("looping")
+    base = [{"prompt": r["prompt"], "response": r["response"], "output": r["response"][:3]} for r in RECORDS]
+    loops = [{"prompt": r["prompt"], "response": r["response"],
+              "output": r["response"] + [r["response"][-1]] * (8 if i < 5 else 0)} for i, r in enumerate(RECORDS)]
+    out = root / "out"
+    metrics = evaluate.main([
+        "--predictions", f"base={write_jsonl(root / 'base.jsonl', base)}", f"loops={write_jsonl(root / 'l.jsonl', loops)}",
+        "--out", str(out), "--bertscore-model", "minilm", "--bootstrap", "200"])
+    return out, metrics
+
+
+def test_looping_answers_are_counted_and_never_called_better(looping_run):
+    out, metrics = looping_run
+    assert metrics["systems"]["loops"]["means"]["looping"] == pytest.approx(5 / 8)
+    assert metrics["systems"]["base"]["means"]["looping"] == 0
+    assert metrics["verdicts"]["loops"] == "not better: loops loops on 5 of 8 answers, base on 0"
+    assert [ex["n_gen_steps"] for ex in metrics["looping"]["loops"]] == [12] * 5
+    report = (out / "report.md").read_text()
+    assert "Looping answers (share)" in report and "| loops | 5 of 8 |" in report
+    assert "not better: loops loops on 5 of 8 answers" in report
+    assert RECORDS[0]["response"][-1] in report.split("## Looping answers")[1]  # the worst answers, as generated
+    assert "not better" in (out / "report.html").read_text()
+
+
+def comparison(delta, low, high):
+    return {"delta": delta, "ci_low": low, "ci_high": high}
+
+
+def test_an_export_that_loops_more_than_its_adapter_is_worse():
+    same = comparison(0.0, 0.0, 0.0)
+    assert parity.verdict({"bertscore_f1": same, "order_accuracy": same,
+                           "looping": comparison(0.15, 0.05, 0.25)}, tolerance=0.02) == "worse"
+    assert parity.verdict({"bertscore_f1": same, "order_accuracy": same,
+                           "looping": comparison(-0.15, -0.25, -0.05)}, tolerance=0.02) == "better"

@@ -47,12 +47,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from howto import chat, flops, models, preflight, trainlog
+from howto import chat, flops, models, preflight, replay, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
     RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, markdown_table, parse_args, write_json,
-    write_run_info,
+    write_jsonl, write_run_info,
 )
 
 REQUIRED_SPLITS = ("train", "val")
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     data = tokenize_splits(args, tokenizer, records, out_dir, check)
     if args.dry_run:
         return
+    if args.mix_general:
+        data["general"] = mix_general(args, base_path, tokenizer, data, out_dir)
     console.print(f"{base_path} ({args.engine} engine): {len(data['train'])} training and {len(data['val'])} "
                   f"validation records")
     if args.sweep:
@@ -150,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
                    help="pack short records into one sequence; off, since without FlashAttention packed records "
                         "attend to each other")
+    p.add_argument("--mix-general", type=float, default=0.0, metavar="FRACTION",
+                   help="mix general conversations into training, this fraction of the training records' number "
+                        "(replay, against forgetting: a model trained on steps alone answers every question with a "
+                        "list); 0 = none")
+    p.add_argument("--general-data", default=None, metavar="FILE",
+                   help="general conversations to mix in (JSONL: prompt, answer); default: the base model's own "
+                        "answers to data/general_prompts.jsonl, generated once and cached")
     p.add_argument("--eval-steps", type=int, default=0,
                    help="evaluate on the validation split every N optimizer steps; 0 = once per epoch")
     p.add_argument("--patience", type=int, default=2,
@@ -218,6 +227,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         (args.max_seq_length >= 16, "--max-seq-length must be >= 16"),
         (0 <= args.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (args.eval_steps >= 0, "--eval-steps must be >= 0"),
+        (0 <= args.mix_general <= 1, "--mix-general must be in [0, 1]"),
         (args.patience >= 0, "--patience must be >= 0"),
         (args.sweep_optuna_trials >= 0, "--sweep-optuna-trials must be >= 0"),
         (args.gpu_memory is None or args.gpu_memory > 0, "--gpu-memory must be > 0 (GB)"),
@@ -316,6 +326,32 @@ def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str,
         console.print(f"preflight passed: {preflight.save(check, listing, out_dir)}")
     disable_progress_bars()
     return {"files": records["files"], **{split: Dataset.from_list(encoded[split]) for split in REQUIRED_SPLITS}}
+
+
+def mix_general(args: argparse.Namespace, base_path: str, tokenizer: Any, data: dict[str, Any],
+                out_dir: Path) -> dict[str, Any]:
+    """General conversations added to the training split (howto.replay); what was mixed in goes to
+    OUT/general.jsonl, and how much and from where into run_info.json."""
+    from datasets import Dataset
+
+    source = Path(args.general_data) if args.general_data else replay.BUNDLED
+    chosen = replay.pick(replay.read_general(source), replay.how_many(args.mix_general, len(data["train"])),
+                         args.seed)
+    if any(not r["answer"] for r in chosen):
+        console.print(f"general conversations: the base model answers {len(chosen)} prompts of {source} "
+                      "(once; cached)")
+        answers = {r["prompt"]: r["answer"] for r in replay.distilled(
+            base_path, [r["prompt"] for r in chosen if not r["answer"]], 50, models.cache_dir() / "replay")}
+        chosen = [{**r, "answer": r["answer"] or answers.get(r["prompt"], "")} for r in chosen]
+    chosen = [r for r in chosen if r["answer"]]
+    encoded = [replay.encode_general(tokenizer, r["prompt"], r["answer"]) for r in chosen]
+    kept = [(r, e) for r, e in zip(chosen, encoded, strict=True) if len(e["input_ids"]) <= args.max_seq_length]
+    if is_main_process():
+        write_jsonl(out_dir / "general.jsonl", [r for r, _ in kept])
+    data["train"] = Dataset.from_list(list(data["train"]) + [e for _, e in kept])
+    console.print(f"general conversations: {len(kept)} mixed into training (OUT/general.jsonl)")
+    return {"n": len(kept), "fraction": args.mix_general,
+            "source": str(source) if args.general_data else f"base model's answers to {source.name}"}
 
 
 def sft_collator(tokenizer: Any) -> Callable[[list[dict[str, Any]]], Any]:
@@ -631,7 +667,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     trainer = build_trainer(model, tokenizer, data["train"], data["val"], args, out_dir, precision,
                             resuming=checkpoint is not None)
     info = {"base_model": base_path, "model_name": args.model, "engine": args.engine, "precision": precision,
-            "precision_reason": why, "status": "running"}
+            "precision_reason": why, "general": data.get("general"), "status": "running"}
     if is_main_process():
         write_run_info(out_dir, config_record(args), data["files"], info)
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from howto.chat import SYSTEM_PROMPT
+from howto.generate import SHIPPED_DECODING
 from howto.models import (
     MISTRAL_CHAT_TEMPLATE, UNSLOTH_4BIT, cache_dir, is_mistral, load_tokenizer, resolve_model,
     save_mistral_tokenizer,
@@ -128,9 +129,9 @@ def export_merged(base_model: str, adapter_dir: str | Path, out_dir: str | Path,
     def build(folder: Path) -> None:
         _merge_lora_shards(base, adapter_dir, folder, dtype)
         (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        for name in ("generation_config.json", "model.safetensors.index.json"):
-            if (base / name).is_file():
-                shutil.copy(base / name, folder / name)
+        if (base / "model.safetensors.index.json").is_file():
+            shutil.copy(base / "model.safetensors.index.json", folder / "model.safetensors.index.json")
+        write_generation_config(base, folder)
         if mistral:
             _save_mistral_tokenizer(folder, [adapter_dir, base])
         else:
@@ -212,6 +213,20 @@ def _save_mistral_tokenizer(folder: Path, sources: list[Path]) -> None:
         shutil.copy(own, folder / "tokenizer.model")
     config = {**MISTRAL_TOKENIZER_CONFIG, "chat_template": MISTRAL_CHAT_TEMPLATE}
     atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_generation_config(base: Path, folder: Path) -> None:
+    """The base model's generation_config.json with the decoding that was evaluated (SHIPPED_DECODING), so that
+    `model.generate()` on the merged folder answers as measured rather than as the base model's config suggests."""
+    path = base / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for key in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
+        config.pop(key, None)
+    config.update(do_sample=SHIPPED_DECODING["temperature"] > 0,
+                  repetition_penalty=SHIPPED_DECODING["repeat_penalty"])
+    if config["do_sample"]:
+        config["temperature"] = SHIPPED_DECODING["temperature"]
+    write_json(folder / "generation_config.json", config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,8 +478,8 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
 def write_modelfile(out_dir: Path, gguf_file: Path, chat_template: str | None) -> Path:
     """An Ollama Modelfile next to the GGUF, so `ollama create NAME -f Modelfile` works as it is.
 
-    It carries the chat template in Ollama's Go syntax, the end-of-turn stops, and the system prompt the model was
-    trained with. For a template that is neither Mistral nor ChatML it leaves TEMPLATE out: Ollama then derives one
+    It carries the chat template in Ollama's Go syntax, the end-of-turn stops, the system prompt the model was
+    trained with, and the decoding it was evaluated with (howto.generate.SHIPPED_DECODING). For a template that is neither Mistral nor ChatML it leaves TEMPLATE out: Ollama then derives one
     from the GGUF's own metadata.
     """
     family = chat_family(chat_template)
@@ -475,6 +490,8 @@ def write_modelfile(out_dir: Path, gguf_file: Path, chat_template: str | None) -
         template, stops = OLLAMA_CHAT[family]
         lines += [f'TEMPLATE """{template}"""', ""]
         lines += [f'PARAMETER stop "{stop}"' for stop in stops] + [""]
+    lines += ["# the decoding evaluate.py measured: greedy, no repeat penalty",
+              *(f"PARAMETER {name} {value:g}" for name, value in SHIPPED_DECODING.items()), ""]
     lines += [f'SYSTEM """{SYSTEM_PROMPT}"""', ""]
     path = out_dir / "Modelfile"
     atomic_write_text(path, "\n".join(lines))

@@ -11,6 +11,10 @@ from typing import Any
 from howto.chat import decode_answer, prompt_ids
 
 Answer = tuple[str, int]
+# The decoding evaluate.py measures by default and the exports ship with: greedy, no repetition penalty. The merged
+# model's generation_config.json and the Ollama Modelfile carry it, so what ships answers as it was measured; Ollama
+# would otherwise sample at temperature 0.8 with a repeat penalty of 1.1 over the last 64 tokens.
+SHIPPED_DECODING = {"temperature": 0.0, "repeat_penalty": 1.0}
 
 
 def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int,
@@ -89,7 +93,7 @@ class GGUFGenerator:
         return answers
 
 
-def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
+def open_gguf(path: str, context: int, seed: int = 0, gpu: bool = False, **options: Any) -> Any:
     """A GGUF file loaded by llama.cpp, without its AMX weight buffers on a CPU that has AMX.
 
     llama.cpp built for a CPU with AMX (Intel Sapphire Rapids and later) repacks the weights into AMX buffers, and
@@ -111,7 +115,8 @@ def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
 
         llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
     try:
-        return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0)
+        return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0,
+                               **options)
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from howto.chat import SYSTEM_PROMPT, prompt_ids, to_messages
+from howto.generate import open_gguf
 from howto.models import MISTRAL_CHAT_TEMPLATE
 
 PROMPT = "How do I reset my password in the   XX app?"
@@ -38,9 +39,7 @@ def _logits(folder: str | Path, ids: list[int], adapter: Path | None = None) -> 
 
 
 def _llama(path: Path, **kwargs):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, **kwargs)
+    return open_gguf(str(path), 256, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +103,9 @@ def test_merged_folder_matches_base_plus_adapter(tiny_model, adapter, merged, id
     assert config["chat_template"] == MISTRAL_CHAT_TEMPLATE
     assert (config["bos_token"], config["eos_token"]) == ("<s>", "</s>")
     assert (merged / "tokenizer.model").read_bytes() == (Path(tiny_model) / "tokenizer.model.v3").read_bytes()
-    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == 2
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2
+    assert generation["do_sample"] is False and generation["repetition_penalty"] == 1.0  # as evaluated: greedy
     assert prompt_ids(load_tokenizer(str(merged)), PROMPT) == ids
     assert AutoTokenizer.from_pretrained(merged).eos_token_id == 2
 
@@ -238,6 +239,7 @@ def test_modelfile(ggufs):
     assert "[INST]" in template and "[/INST]" in template and "$.System" in template
     assert 'PARAMETER stop "</s>"' in text and 'PARAMETER stop "[INST]"' in text
     assert f'SYSTEM """{SYSTEM_PROMPT}"""' in text
+    assert "PARAMETER temperature 0\n" in text and "PARAMETER repeat_penalty 1\n" in text  # greedy, as evaluated
     info = json.loads((ggufs["f16"].parent / "gguf_info.json").read_text())
     assert set(info["files"]) == {p.name for p in ggufs.values()} and info["chat_family"] == "mistral"
 

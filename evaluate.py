@@ -630,7 +630,8 @@ def forgetting_section(probes: dict[str, list[dict[str, Any]] | None], args: arg
     """The probe's paired comparison of base and fine-tuned, or why it was skipped."""
     bundled = Path(args.forgetting_data).resolve() == forgetting.BUNDLED  # named without this machine's folders
     section: dict[str, Any] = {"data": "the bundled data/forgetting.jsonl" if bundled else args.forgetting_data,
-                               "max_new_tokens": forgetting.MAX_NEW_TOKENS, "n_prompts": 0}
+                               "max_new_tokens": forgetting.MAX_NEW_TOKENS, "n_prompts": 0,
+                               "general_mixed": read_run_info(args.finetuned).get("general")}
     if not probes.get("base") or not probes.get("finetuned"):
         return {**section, "skipped": "the probe needs transformers weights for both models (a GGUF file has no "
                                       "teacher-forced loss here); evaluate the adapter or merged folder"}

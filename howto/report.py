@@ -288,6 +288,11 @@ def forgetting_blocks(forgetting: dict[str, Any]) -> list[Block]:
                                  "when general ability is forgotten; a numbered list for a question that is not a "
                                  f"how-to is over-formatting (answers cut at {forgetting['max_new_tokens']} tokens; "
                                  "paired 95% bootstrap CIs over the questions).")]
+    mixed = forgetting.get("general_mixed")
+    blocks.append(("p", f"Training mixed in {mixed['n']} general conversations ({mixed['source']}; --mix-general "
+                        f"{mixed['fraction']})." if mixed else
+                        "Training mixed in no general conversations (finetune.py --mix-general, the remedy for "
+                        "over-formatting)."))
     if forgetting.get("skipped"):
         return blocks + [("p", f"Skipped: {forgetting['skipped']}")]
     blocks.append(("table", FORGETTING_HEADER, forgetting_rows(forgetting)))

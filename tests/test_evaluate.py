@@ -249,6 +249,7 @@ def test_generation_end_to_end_and_cache_reuse(tiny_model, tiny_adapter, tmp_pat
         rows = [json.loads(line) for line in (out / name / "forgetting.jsonl").read_text().splitlines()]
         assert len(rows) == 50 and all(r["answer_tokens"] > 0 and 0 < r["output_tokens"] <= 48 for r in rows)
     assert "Forgetting probe" in (out / "report.md").read_text()
+    assert probe["general_mixed"] is None and "mixed in no general conversations" in (out / "report.md").read_text()
     assert metrics["parity"] is None  # an adapter folder without exports
 
     def must_not_generate(*args, **kwargs):

@@ -111,3 +111,13 @@ def test_mix_general_out_of_range_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         finetune.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--mix-general", "1.5"])
     assert "--mix-general must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_forgetting_section_says_what_training_mixed_in():
+    from howto.report import forgetting_blocks
+
+    section = {"n_prompts": 0, "data": "probe.jsonl", "max_new_tokens": 48, "skipped": "no weights",
+               "general_mixed": {"n": 68, "fraction": 0.25, "source": "base model's answers to general_prompts.jsonl"}}
+    text = " ".join(str(block) for block in forgetting_blocks(section))
+    assert "Training mixed in 68 general conversations (base model's answers to general_prompts.jsonl; " \
+           "--mix-general 0.25)" in text

@@ -253,7 +253,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         for flag in ("sweep_lr", "sweep_epochs", "sweep_batch_size"):
             values = getattr(args, flag)
             if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each a finite number > 0")
+                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each > 0 and finite")
         if any(lr > MAX_LR for lr in args.sweep_lr):
             parser.error(f"--sweep-lr: every learning rate must be at most {MAX_LR:g} (LoRA uses 1e-5 to 1e-3)")
     if args.sweep and args.export:

@@ -344,7 +344,7 @@ def test_resume_with_other_lora_rank_leaves_the_run_untouched(small_data, tmp_pa
     (["--warmup-ratio", "nan"], "--warmup-ratio nan: must be a finite number"),
     (["--lora-dropout=-inf"], "--lora-dropout -inf: must be a finite number"),
     (["--gpu-memory", "inf"], "--gpu-memory inf: must be a finite number"),
-    (["--sweep", "--sweep-lr", "1e-4,inf"], "--sweep-lr needs one or more values, each a finite number > 0"),
+    (["--sweep", "--sweep-lr", "1e-4,inf"], "--sweep-lr needs one or more values, each > 0 and finite"),
     (["--sweep", "--sweep-lr", "1e-4,2e4"], "--sweep-lr: every learning rate must be at most 1"),
 ])
 def test_lr_inf_is_refused_by_the_preflight(flags, message, learnable_data, tmp_path, capsys):
@@ -390,6 +390,30 @@ def test_diverged_training_stops_keeps_no_adapter_and_exits_non_zero(small_data,
     assert metrics["diverged"] == info["diverged"] == "the training loss became nan at step 4"
     assert metrics["best_val_loss"] is None and metrics["train"][-1] == {"step": 4, "epoch": 2.0, "loss": None}
     assert (info["status"], info["global_step"]) == ("diverged", 4)
+
+
+def test_sweep_trial_that_diverges_is_pruned_and_the_sweep_goes_on(small_data, tmp_path, monkeypatch):
+    """A rate of the grid that diverges ends its own trial; the others are ranked, the best config is written."""
+    real = finetune.cpu_sft_trainer
+
+    def diverging_at_high_rates(compiled: bool) -> type:
+        class Diverging(real(compiled)):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                loss = super().compute_loss(model, inputs, *args, **kwargs)
+                return loss * float("nan") if model.training and self.args.learning_rate > 0.1 else loss
+
+        return Diverging
+
+    monkeypatch.setattr(finetune, "cpu_sft_trainer", diverging_at_high_rates)
+    out = tmp_path / "sweep-run"
+    finetune.main(["--data", str(small_data), "--out", str(out), *TINY, *NOT_COMPILED, "--engine", "hf", "--sweep",
+                   "--sweep-lr", "1e-3,0.5", "--sweep-epochs", "1", "--sweep-batch-size", "2"])
+    with open(out / "sweep" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == [1e-3]
+    trials = [read_json(p) for p in (out / "sweep").glob("trial-*/run_info.json")]
+    assert sorted(info["status"] for info in trials) == ["diverged", "done"]
+    assert yaml.safe_load((out / "sweep" / "best_config.yaml").read_text())["finetune"]["lr"] == 1e-3
 
 
 def test_divergence_is_a_non_finite_loss_or_a_validation_loss_far_above_the_start():

@@ -45,8 +45,9 @@ from rich.table import Table as RichTable
 from howto import forgetting, parity, report
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
 from howto.generate import GGUFGenerator, HFGenerator, gguf_problem, is_gguf_file, model_folder_problem
-from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MINILM, BertScore, BertScoreUnavailable, StepEncoder,
-                           mean_defined, paired_comparison, prompt_key, score_examples)
+from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM, TOO_FEW, BertScore,
+                           BertScoreUnavailable, StepEncoder, mean_defined, paired_comparison, prompt_key,
+                           score_examples)
 from howto.models import (default_model, free_memory, has_cuda, load_for_generation, load_tokenizer, read_run_info,
                           resolve_model)
 from howto.records import read_clean, read_records
@@ -731,14 +732,21 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
 
 
 def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
-    """An export worse than the adapter: said in red, and an error with --fail-on-regression."""
+    """An export worse than the adapter: said in red, and an error with --fail-on-regression, as is an export judged
+    on too few prompts to tell (a gate that cannot tell does not pass)."""
     exports = (metrics.get("parity") or {}).get("exports") or {}
     worse = [name for name, p in exports.items() if p["verdict"] == "worse"]
+    unjudged = [name for name, p in exports.items() if p["verdict"] == TOO_FEW]
     if worse and args.fail_on_regression:
         raise RunError(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the tolerance "
                        f"{args.parity_tolerance} (see the parity section of {Path(args.out) / 'report.md'})")
+    if unjudged and args.fail_on_regression:
+        raise RunError(f"--fail-on-regression: {', '.join(unjudged)}: {TOO_FEW} (fewer than {MIN_PAIRED}) to tell "
+                       "whether it is worse than the adapter; evaluate on more test prompts")
     for name in worse:
         console.print(f"[red]{name} is worse than the adapter it was exported from (see the parity section)[/]")
+    for name in unjudged:
+        console.print(f"[yellow]{name}: {TOO_FEW} to compare it with the adapter it was exported from[/]")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,12 @@ def test_fail_on_regression_makes_a_worse_export_an_error(tmp_path):
     evaluate.check_regression(metrics, argparse.Namespace(**{**vars(args), "fail_on_regression": False}))
     metrics["parity"]["exports"]["gguf-q4_k_m"]["verdict"] = "better"
     evaluate.check_regression(metrics, args)
+
+
+def test_fail_on_regression_does_not_pass_an_export_judged_on_too_few_prompts(tmp_path):
+    metrics = {"parity": {"exports": {"gguf-q8_0": {"verdict": "too few paired prompts"}}}}
+    args = argparse.Namespace(fail_on_regression=True, parity_tolerance=0.02, out=str(tmp_path))
+    with pytest.raises(SystemExit, match="gguf-q8_0: too few paired prompts \\(fewer than 6\\) to tell whether it is "
+                                         "worse than the adapter"):
+        evaluate.check_regression(metrics, args)
+    evaluate.check_regression(metrics, argparse.Namespace(**{**vars(args), "fail_on_regression": False}))

@@ -243,7 +243,7 @@ def test_front_matter_with_aliases_is_refused_like_a_config(tmp_path):
     """Issue 19: a YAML bomb under one key hung; a page's front matter goes through the same loader."""
     from howto.collect import markdown_blocks
 
-    page = "---\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\ntitle: [*b, *b]\n---\n" \
-           "1. Open the app\n2. Tap Save\n"
+    page = ("---\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "title: [*b, *b]\n---\n1. Open the app\n2. Tap Save\n")
     blocks, title = markdown_blocks(page)
     assert title == "" and blocks

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -43,17 +44,21 @@ from rich.table import Table as RichTable
 
 from howto import forgetting, parity, report
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
-from howto.generate import GGUFGenerator, HFGenerator, is_gguf_file
-from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MINILM, BertScore, BertScoreUnavailable, StepEncoder,
-                           mean_defined, paired_comparison, prompt_key, score_examples)
+from howto.generate import GGUFGenerator, HFGenerator, gguf_problem, is_gguf_file, model_folder_problem
+from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM, TOO_FEW, BertScore,
+                           BertScoreUnavailable, StepEncoder, mean_defined, paired_comparison, prompt_key,
+                           score_examples, too_few_pairs)
 from howto.models import (default_model, free_memory, has_cuda, load_for_generation, load_tokenizer, read_run_info,
                           resolve_model)
 from howto.records import read_clean, read_records
-from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, parse_args,
-                         positive_int, write_json, write_jsonl, write_run_info)
+from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, json_line,
+                         parse_args, positive_int, write_json, write_jsonl, write_run_info)
 
 console = Console(stderr=True)
 Table = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
+# What evaluate.py writes at the top of OUT: no system may be named like one, since OUT/<name>/ holds its files.
+OUTPUTS = ("metrics.json", "report.md", "report.html", "plots", "config.yaml", "run_info.json", "judge.jsonl",
+           "rating_sheet.csv", "rating_sheet.html", "rating_key.json")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -143,6 +148,10 @@ def check_args(args: argparse.Namespace) -> Path:
         raise RunError(f"--bootstrap {args.bootstrap}: a 95% interval needs at least 100 resamples (default 2000)")
     if args.parity_tolerance < 0:
         raise RunError(f"--parity-tolerance {args.parity_tolerance}: must be 0 or more")
+    if args.fail_on_regression and (args.predictions or not args.parity):
+        raise RunError("--fail-on-regression fails on an export worse than its adapter; "
+                       + ("--predictions scores files and has no exports" if args.predictions else
+                          "--no-parity scores no export"))
     out_dir = check_out_dir(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -185,6 +194,18 @@ def _prompt_field(record: dict[str, Any], where: str) -> str:
     return prompt
 
 
+def _count_field(record: dict[str, Any], field: str, where: str, whole: bool) -> int | float | None:
+    """An optional count (`n_tokens`, whole) or duration (`seconds`): absent or null, else a finite number >= 0."""
+    value = record.get(field)
+    if value is None:
+        return None
+    number = isinstance(value, int) if whole else isinstance(value, int | float)
+    if isinstance(value, bool) or not number or not math.isfinite(value) or value < 0:
+        wanted = "a whole number" if whole else "a number"
+        raise RunError(f"{where}: field {field!r} must be {wanted} >= 0 or null, got {json.dumps(value)}")
+    return value
+
+
 def load_test_set(file: Path, limit: int | None) -> list[dict[str, Any]]:
     """Test records as examples {prompt, response, category} (howto.records' clean records); a prompt seen twice
     is evaluated once."""
@@ -205,8 +226,10 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
     name, sep, file = spec.partition("=")
     if not sep or not name or not file:
         raise RunError(f"--predictions {spec}: expected NAME=FILE")
-    if name in {"plots"} or "/" in name or name.startswith("."):
-        raise RunError(f"--predictions {spec}: {name!r} cannot be used as a system name")
+    if name.lower() in OUTPUTS or "/" in name or "\\" in name or name.startswith("."):
+        raise RunError(f"--predictions {spec}: {name!r} cannot be used as a system name (OUT/{name} holds the "
+                       f"system's files; the name must not contain a slash, start with a dot or be one of "
+                       f"evaluate's outputs: {', '.join(OUTPUTS)})")
     path = Path(file)
     if not path.is_file():
         raise RunError(f"--predictions {spec}: no such file {file}")
@@ -236,7 +259,8 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
             raise RunError(f"{where}: field 'output' must be a string or a list of strings")
         table[key] = {"prompt": prompt, "response": response, "output": text, "steps": steps,
                       "category": str(record.get("category") or test.get("category") or "uncategorized"),
-                      "n_tokens": record.get("n_tokens"), "seconds": record.get("seconds")}
+                      "n_tokens": _count_field(record, "n_tokens", where, whole=True),
+                      "seconds": _count_field(record, "seconds", where, whole=False)}
     if not table:
         raise RunError(f"{path}: no predictions")
     return name, path, table
@@ -274,13 +298,19 @@ def as_system(name: str, path: Path, base: str, flag: str) -> System:
     if path.is_file():
         if not is_gguf_file(str(path)):
             raise RunError(f"{flag} {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        problem = gguf_problem(str(path))
+        if problem:
+            raise RunError(f"{flag} {path}: {problem}")
         return System(name, gguf=str(path), tokenizer_model=base)
+    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+        raise RunError(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model "
+                       "folder (config.json) or a .gguf file")
+    problem = model_folder_problem(path)
+    if problem:
+        raise RunError(f"{flag} {path}: {problem}")
     if (path / "adapter_config.json").is_file():
         return System(name, model=base, adapter=str(path))
-    if (path / "config.json").is_file():
-        return System(name, model=str(path))
-    raise RunError(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model folder "
-                     "(config.json) or a .gguf file")
+    return System(name, model=str(path))
 
 
 def resolve_systems(base: str | None, finetuned: str) -> list[System]:
@@ -434,7 +464,7 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
                        "seconds": round(seconds, 4), "decode_steps": own, "batch_steps": max(steps),
                        "settings_hash": key}
                 cache[prompt_key(ex["prompt"])] = row
-                f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+                f.write(json_line(row, path).encode())
             f.flush()
             os.fsync(f.fileno())
             progress.advance(task, len(batch))
@@ -592,9 +622,12 @@ def summarise_run(tables: dict[str, Table], systems: list[System], exports: list
 
 def verdict(baseline: str, name: str, tables: dict[str, Table], comparison: dict[str, Any]) -> str:
     """One line on whether `name` answers better than `baseline`: BERTScore F1's interval decides, but a system
-    that loops on more answers than its baseline is never called better, whatever its scores."""
+    that loops on more answers than its baseline is never called better, whatever its scores, and over fewer than
+    MIN_PAIRED paired prompts nothing is judged."""
     loops = {n: sum(r["looping"] for r in tables[n].values()) for n in (baseline, name)}
     f1 = comparison["bertscore_f1"]
+    if too_few_pairs(f1):
+        return f"{TOO_FEW} ({f1['n']}, fewer than {MIN_PAIRED}): no difference judged"
     if loops[name] > loops[baseline]:
         return (f"not better: {name} loops on {loops[name]} of {len(tables[name])} answers, {baseline} on "
                 f"{loops[baseline]}")
@@ -728,14 +761,21 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
 
 
 def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
-    """An export worse than the adapter: said in red, and an error with --fail-on-regression."""
+    """An export worse than the adapter: said in red, and an error with --fail-on-regression, as is an export judged
+    on too few prompts to tell (a gate that cannot tell does not pass)."""
     exports = (metrics.get("parity") or {}).get("exports") or {}
     worse = [name for name, p in exports.items() if p["verdict"] == "worse"]
+    unjudged = [name for name, p in exports.items() if p["verdict"] == TOO_FEW]
     if worse and args.fail_on_regression:
         raise RunError(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the tolerance "
                        f"{args.parity_tolerance} (see the parity section of {Path(args.out) / 'report.md'})")
+    if unjudged and args.fail_on_regression:
+        raise RunError(f"--fail-on-regression: {', '.join(unjudged)}: {TOO_FEW} (fewer than {MIN_PAIRED}) to tell "
+                       "whether it is worse than the adapter; evaluate on more test prompts")
     for name in worse:
         console.print(f"[red]{name} is worse than the adapter it was exported from (see the parity section)[/]")
+    for name in unjudged:
+        console.print(f"[yellow]{name}: {TOO_FEW} to compare it with the adapter it was exported from[/]")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ from howto import chat, flops, models, preflight, replay, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
-    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, markdown_table, parse_args, write_json,
-    write_jsonl, write_run_info,
+    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, load_yaml, markdown_table, parse_args,
+    write_json, write_jsonl, write_run_info,
 )
 
 REQUIRED_SPLITS = ("train", "val")
@@ -66,6 +66,18 @@ NOT_IN_BEST_CONFIG = {"out", "config", "sweep", "sweep_lr", "sweep_epochs", "swe
                       "sweep_optuna_trials", "resume", "export", "export_only", "quant", "llama_cpp", "dry_run",
                       "gpu_memory"}
 INTERRUPTED_EXIT = 130
+# Above this no learning rate trains anything: AdamW moves every weight by about the rate each step, so a rate over 1
+# overwrites the model in a step or two (LoRA recipes use 1e-5 to 1e-3). `--lr 2e4` is a typo for 2e-4.
+MAX_LR = 1.0
+# What --resume must share with the run it continues: what the adapter is (model, engine, LoRA shape, sequence
+# length) and what the checkpoint's optimizer, scheduler and data order were set up with (a resumed scheduler keeps
+# its own learning rate, so another --lr would be recorded but never used). --epochs may change: it extends a run.
+RESUME_SETTINGS = ("model", "engine", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "load_in_4bit",
+                   "max_seq_length", "packing", "lr", "scheduler", "warmup_ratio", "batch_size", "grad_accum", "seed")
+
+
+class Diverged(RunError):
+    """Training that diverged: stopped, no adapter kept as its result, exit code 1."""
 
 
 def is_main_process() -> bool:
@@ -84,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         export(args, finished_run_base(out_dir), out_dir)
         return
     records = load_splits(Path(args.data))  # cheap checks before the slow imports
-    check_resume(args, out_dir, records["files"])
     announce_model(args)
+    check_resume(args, out_dir, records["files"])
     if not args.dry_run:
         import_engine(args.engine)
         models.hide_loading_bars()
@@ -233,9 +245,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         (args.gpu_memory is None or args.gpu_memory > 0, "--gpu-memory must be > 0 (GB)"),
         (not (args.dry_run and args.export_only), "--dry-run checks a training run; --export-only trains nothing"),
     ]
+    for flag in ("lr", "lora_dropout", "warmup_ratio", "gpu_memory"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number")
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    if args.lr > MAX_LR:
+        parser.error(f"--lr {args.lr:g} is far above any learning rate that trains (at most {MAX_LR:g}; LoRA uses "
+                     f"1e-5 to 1e-3, the default is 2e-4){typo_hint(args.lr)}")
     # --quant stays a string flag, so that a config's `quant: q4_k_m` reads as written
     args.quant = [quant.strip() for quant in args.quant.split(",") if quant.strip()]
     if not args.target_modules:
@@ -243,8 +262,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.sweep:
         for flag in ("sweep_lr", "sweep_epochs", "sweep_batch_size"):
             values = getattr(args, flag)
-            if not values or any(v <= 0 for v in values):
-                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each > 0")
+            if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each > 0 and finite")
+        if any(lr > MAX_LR for lr in args.sweep_lr):
+            parser.error(f"--sweep-lr: every learning rate must be at most {MAX_LR:g} (LoRA uses 1e-5 to 1e-3)")
     if args.sweep and args.export:
         parser.error("--export exports a final run: run the sweep's best_config.yaml without --sweep to export it")
     if "gguf" in args.export and not args.quant:
@@ -257,6 +278,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 quant_ftype(quant)  # a typo fails now, not after hours of training
             except ValueError as e:
                 parser.error(f"--quant: {e}")
+
+
+def typo_hint(lr: float) -> str:
+    """`: did you mean 2e-4?` for 2e4, a rate written with its exponent's minus sign left out."""
+    exponent = math.floor(math.log10(lr))
+    return f": did you mean {lr / 10 ** exponent:g}e-{exponent}?" if exponent >= 1 else ""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -298,7 +325,8 @@ def load_splits(data_dir: Path) -> dict[str, Any]:
 
 
 def check_resume(args: argparse.Namespace, out_dir: Path, files: list[Path]) -> None:
-    """--resume continues a run on the data it trained on: other data is refused before anything is rewritten."""
+    """--resume continues a run on the data it trained on, with the settings it trained with (RESUME_SETTINGS):
+    anything else is refused before anything is rewritten."""
     if not args.resume:
         return
     digest = hash_files(files)
@@ -308,6 +336,32 @@ def check_resume(args: argparse.Namespace, out_dir: Path, files: list[Path]) -> 
             raise RunError(f"--resume: {folder / 'run_info.json'} trained on other data (sha256 {recorded[:12]}, "
                            f"{', '.join(map(str, files))} hash to {digest[:12]}): resume with the --data it "
                            "trained on, or train the new data into another --out")
+        differing = resume_differences(args, folder, trial=folder != out_dir)
+        if differing:
+            raise RunError(f"--resume: {folder} was trained with other settings: {'; '.join(differing)}: resume "
+                           f"with the run's own settings ({folder / 'config.yaml'}), or train into another --out")
+
+
+def resume_differences(args: argparse.Namespace, folder: Path, trial: bool) -> list[str]:
+    """`--lora-r 8 (the run has 16)` for each of RESUME_SETTINGS where these settings and the run's config.yaml
+    differ; a sweep's trial has its own learning rate, epochs and batch size, chosen by the sweep."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        recorded = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunError(f"--resume: {path}: cannot be read ({e}); the run's settings are unknown") from None
+    if not isinstance(recorded, dict):
+        raise RunError(f"--resume: {path}: expected a mapping of setting: value")
+    current = config_record(args)
+    return [f"--{key.replace('_', '-')} {show_setting(current[key])} (the run has {show_setting(recorded[key])})"
+            for key in RESUME_SETTINGS if key in recorded and recorded[key] != current[key]
+            and not (trial and key in TRIAL_KEYS)]
+
+
+def show_setting(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, Any], out_dir: Path,
@@ -513,6 +567,9 @@ def sft_config_kwargs(args: argparse.Namespace, out_dir: Path, precision: str, e
         eval_on_start=not resuming,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=min(10, max(1, epoch_steps // 4)), report_to=args.report_to,
+        # A NaN or infinite loss is logged as it is, for the divergence guard; transformers' default logs the mean
+        # of the finite ones in its place, and a diverged run looks fine until its adapter is all NaN.
+        logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding",
         max_length=args.max_seq_length, packing=args.packing, completion_only_loss=True,
         train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding, same loss mask
@@ -550,6 +607,23 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     return trainer
+
+
+def divergence_guard() -> Any:
+    """A Trainer callback that stops training as soon as a log entry shows it diverged (trainlog.divergence), before
+    that step's checkpoint is saved; `reason` says why, None while training is sound."""
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        reason: str | None = None
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            self.reason = self.reason or trainlog.divergence(state.log_history[-1], state.log_history)
+            if self.reason:
+                control.should_training_stop = True
+                control.should_save = False
+
+    return DivergenceGuard()
 
 
 def cpu_sft_trainer(compiled: bool) -> type:
@@ -666,6 +740,8 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     model = load_model(args, base_path, precision)
     trainer = build_trainer(model, tokenizer, data["train"], data["val"], args, out_dir, precision,
                             resuming=checkpoint is not None)
+    guard = divergence_guard()
+    trainer.add_callback(guard)
     info = {"base_model": base_path, "model_name": args.model, "engine": args.engine, "precision": precision,
             "precision_reason": why, "general": data.get("general"), "status": "running"}
     if is_main_process():
@@ -691,6 +767,14 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
                            {**info, "status": "interrupted", "interrupted_at_step": trainer.state.global_step})
         raise SystemExit(INTERRUPTED_EXIT) from None
     wall = time.perf_counter() - start
+    if guard.reason:
+        stop_diverged(args, out_dir, data["files"], info, trainer.state, guard.reason)
+        del trainer, model
+        models.free_memory()
+        raise Diverged(f"training diverged: {guard.reason}. The learning rate is the likely cause: --lr {args.lr:g} "
+                       f"is too high for this model and data (the default is 2e-4); train again with a lower --lr "
+                       f"into another --out. No adapter was saved; {out_dir / 'checkpoints'} holds the run's "
+                       "checkpoints, the later ones diverged")
 
     state = trainer.state
     eval_time = sum(h.get("eval_runtime", 0.0) for h in state.log_history[history_before:])
@@ -725,6 +809,19 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     del trainer, model
     models.free_memory()
     return info
+
+
+def stop_diverged(args: argparse.Namespace, out_dir: Path, files: list[Path], info: dict[str, Any], state: Any,
+                  reason: str) -> None:
+    """A diverged run's record: its loss curves (null where a loss was not finite) and status, no adapter."""
+    if not is_main_process():
+        return
+    curves = trainlog.loss_curves(state.log_history)
+    write_json(out_dir / "metrics.json", {**curves, "best_val_loss": None, "best_step": None, "diverged": reason})
+    atomic_write_bytes(out_dir / "loss.png", trainlog.loss_png(curves, None))
+    write_run_info(out_dir, config_record(args), files,
+                   {**info, "status": "diverged", "diverged": reason, "global_step": state.global_step})
+    print_loss_table(state.log_history)
 
 
 def print_loss_table(history: list[dict[str, Any]]) -> None:
@@ -781,9 +878,10 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
         sampler, size = optuna.samplers.GridSampler(space, seed=args.seed), math.prod(map(len, space.values()))
     study = optuna.create_study(study_name="finetune", storage=f"sqlite:///{db.resolve()}", load_if_exists=True,
                                 direction="minimize", sampler=sampler)
-    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     for t in finished:
-        console.print(f"trial {t.user_attrs['folder']}: finished earlier, best val loss {t.value:.4f}")
+        console.print(f"trial {t.user_attrs['folder']}: finished earlier, " + (
+            f"best val loss {t.value:.4f}" if t.state == TrialState.COMPLETE else t.user_attrs.get("diverged", "")))
     # A trial whose process was stopped stays RUNNING in the study: its choice runs again in its folder, from its
     # last checkpoint (the grid returns to every unfinished point by itself; TPE is handed the choice again).
     interrupted = {tuple(t.params[k] for k in TRIAL_KEYS): t.user_attrs["folder"] for t in study.trials
@@ -805,13 +903,20 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
         trial_dir = sweep_dir / f"trial-{folder}"
         console.rule(f"trial {folder}: " + ", ".join(f"{k}={v}" for k, v in choice.items()))
         resume = args.resume and last_checkpoint(trial_dir) is not None
-        info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        try:
+            info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        except Diverged as e:  # a rate of the grid too high: this trial ends, the sweep goes on
+            console.print(f"trial {folder}: {e}", style="yellow", markup=False, highlight=False)
+            trial.set_user_attr("diverged", f"diverged at lr {choice['lr']:g}")
+            raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("result", {**choice, "trial": folder, **info})
         return info["best_val_loss"]
 
     study.optimize(objective, n_trials=max(0, size - len(finished)))
     ranked = sorted((t.user_attrs["result"] for t in study.trials if t.state == TrialState.COMPLETE),
                     key=lambda r: r["best_val_loss"])
+    if not ranked:
+        raise RunError(f"every trial of the sweep diverged (see {sweep_dir}): lower --sweep-lr")
     if is_main_process():
         write_sweep_results(ranked, sweep_dir)
         best = {k: v for k, v in config_record(trial_args(args, {k: ranked[0][k] for k in TRIAL_KEYS})).items()

@@ -302,11 +302,18 @@ def redact_items(items: list[Item]) -> dict[str, Any]:
 
 _APOSTROPHE = re.compile(r"(?<=\w)['\u2019](?=\w)")  # don't -> dont: one word, as a user types it
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
+# Never text, whatever --keep-punctuation says: terminal escape sequences (ESC [ 31 m) and C0 and C1 controls (NUL,
+# ESC; tab and line breaks are whitespace, collapsed anyway) become spaces, and the invisible characters that
+# reorder or hide text (bidi embeddings, overrides, isolates and marks, zero-width space, BOM: "Trojan Source") go.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")
+_INVISIBLE = re.compile("[\u061c\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
 def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
-    """Lowercase, strip punctuation (apostrophes inside words are dropped, other marks become spaces) and collapse
-    whitespace; placeholders such as [EMAIL] are kept as they are, since the model must learn them verbatim."""
+    """Drop control and bidi characters, lowercase, strip punctuation (apostrophes inside words are dropped, other
+    marks become spaces) and collapse whitespace; placeholders such as [EMAIL] are kept as they are, since the model
+    must learn them verbatim."""
+    text = _INVISIBLE.sub("", _CONTROL.sub(" ", text))
     pieces, last = [], 0
     for match in PLACEHOLDER_RE.finditer(text) if "[" in text else ():
         pieces += [_normalize_piece(text[last:match.start()], lowercase, strip_punctuation), match.group()]

@@ -30,7 +30,7 @@ from howto.augment import parse_answer
 from howto.llm import ChatClient, LLMError
 from howto.pii import redact
 from howto.review import first_object, read_review, review_kind
-from howto.runio import RunError
+from howto.runio import RunError, load_yaml, markdown_code, markdown_text
 
 DOCUMENT_SUFFIXES = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf",
                      ".txt": "text"}
@@ -189,12 +189,13 @@ def collected_section(report: dict[str, Any] | None) -> list[str]:
     if not report or not report["files"]:
         return []
     lines = ["", "## Collected", "", "| file | kind | procedures | skipped | LLM requests |", "|---|---|---|---|---|"]
-    lines += [f"| `{f['file']}` | {f['kind']} | {f['procedures']} | {len(f['skipped'])} | {f['llm_requests']} |"
-              for f in report["files"]]
+    for f in report["files"]:
+        name = markdown_code(f["file"]).replace("|", "\\|")  # a `|` splits a table cell even in a code span
+        lines.append(f"| {name} | {f['kind']} | {f['procedures']} | {len(f['skipped'])} | {f['llm_requests']} |")
     if report["review"]:
         lines += ["", "- review: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in report["review"].items())]
     skipped = [s for f in report["files"] for s in f["skipped"]]
-    lines += ["", *(f"- skipped: {s}" for s in skipped[:200])] if skipped else []
+    lines += ["", *(f"- skipped: {markdown_text(s)}" for s in skipped[:200])] if skipped else []
     return lines
 
 
@@ -296,7 +297,7 @@ def markdown_blocks(text: str) -> tuple[list[Block], str]:
     front = _FRONT_MATTER.match(text)
     if front:
         try:
-            meta = yaml.safe_load(front.group(1))
+            meta = load_yaml(front.group(1))  # a page's aliases are refused like a config's
         except yaml.YAMLError:
             meta = None
         title = str(meta.get("title", "")) if isinstance(meta, dict) else ""

@@ -5,7 +5,9 @@ was trained on, and both give (text, generated tokens without the end-of-sequenc
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from howto.chat import decode_answer, prompt_ids
@@ -114,6 +116,46 @@ def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
         return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0)
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def gguf_problem(path: str) -> str | None:
+    """What makes a GGUF file unloadable, found by reading its header, metadata and tensor table (gguf's reader, no
+    weights loaded): a file cut short or corrupt fails here in a second rather than when llama.cpp loads it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        return f"not a complete GGUF file, cut short or corrupt ({e})"
+    size = Path(path).stat().st_size
+    past_end = [t.name for t in reader.tensors if t.data_offset + t.n_bytes > size]
+    if past_end:
+        return f"tensor {past_end[0]} ends past the end of the file (cut short?)"
+    if not reader.tensors:
+        return "holds no tensors"
+    return None
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """What makes a model or adapter folder unloadable, found without loading it: a config that is not a JSON
+    object, a safetensors file cut short or with a corrupt header."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            try:
+                config = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return f"{name} is not JSON ({e})"
+            if not isinstance(config, dict):
+                return f"{name} is not a JSON object"
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "np"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{file.name}: {e}"
+    return None
 
 
 def is_gguf_file(path: str) -> bool:

@@ -123,20 +123,22 @@ def test_html_main_content_only_with_labels_verbatim(tmp_path):
     records, report = collect_file(write(tmp_path / "help.html", HELP_PAGE))
     got = by_prompt(records)
     assert got == {
-        "How do I cancel an order?": ["Open the app and sign in.", "Go to Account > Orders.", "Tap the order.",
-                                      "Tap Cancel order, then Confirm."],
-        "How do I reset my password?": ["On the sign-in screen, tap Forgot password?", "Enter your email.",
-                                        "Follow the link in the email."],
-        "How do I return an item?": ["Open Account > Orders.", "Tap Return.", "Print the label."],
+        "How do I cancel an order in ShopNow?": ["Open the app and sign in.", "Go to Account > Orders.",
+                                                 "Tap the order.", "Tap Cancel order, then Confirm."],
+        "How do I reset my password in ShopNow?": ["On the sign-in screen, tap Forgot password?",
+                                                   "Enter your email.", "Follow the link in the email."],
+        "How do I return an item in ShopNow?": ["Open Account > Orders.", "Tap Return.", "Print the label."],
     }
     # navigation, sidebar, footer, scripts, feature lists, tables and prose answers never become records
-    text = json.dumps(records)
+    text = json.dumps([[r["prompt"], r["response"]] for r in records])
     for trap in ("Home", "Track a parcel", "Privacy", "not a step", "Free delivery", "Standard", "cards and PayLite",
                  "Shipped orders", "refund", "Returns are free", "Note"):
         assert trap not in text
     assert records[0]["source"] == f"{tmp_path / 'help.html'}#cancel"
     assert records[2]["source"] == f"{tmp_path / 'help.html'}#return-an-item"
-    assert {r["extraction"] for r in records} == {"rules"}
+    assert {r["extraction"] for r in records} == {"rules"} and {r["category"] for r in records} == {"shopnow"}
+    assert records[0]["passage"].startswith("Cancel an order\n\nYou can cancel until the order ships.\n\n1. Open")
+    assert "Shipped orders cannot be cancelled" in records[0]["passage"]  # as the page shows it, sub-bullets too
     assert report.found == 3
     reasons = [s.split(": ", 1)[1] for s in report.skipped]
     assert "#features: no steps (bulleted list)" in reasons and "#fees: no steps (table)" in reasons
@@ -160,10 +162,11 @@ def test_markdown_front_matter_shortcodes_and_nested_steps(tmp_path):
     records, report = collect_file(write(tmp_path / "manual.md", MANUAL))
     got = by_prompt(records)
     assert got["How do I use PayLite manual?"] == ["Unzip the archive.", "Run the installer."]  # before any heading
-    assert got["How do I freeze my card?"] == [
+    assert got["How do I freeze my card in PayLite?"] == [
         "Tap Cards.", "On your phone: Open Settings. Tap Security.", "Select the card.", "Tap Freeze."]
-    assert got["How do I freeze a card for a business account?"] == ["Open Business > Cards.", "Tap Freeze all."]
-    assert got["How do I send money?"] == ["Tap Transfers.", "Tap New."]  # a numbered list under a bullet
+    assert got["How do I freeze a card for a business account in PayLite?"] == ["Open Business > Cards.",
+                                                                                "Tap Freeze all."]
+    assert got["How do I send money in PayLite?"] == ["Tap Transfers.", "Tap New."]  # a numbered list under a bullet
     assert len(records) == 4  # the bulleted "Account types" list and its numbered facts, and the table, are not
     assert records[1]["source"].endswith("manual.md#freeze-a-card")
     assert not any("{{" in s or "paylite freeze" in s or "blue border" in s for r in records for s in r["response"])
@@ -173,9 +176,15 @@ def test_markdown_front_matter_shortcodes_and_nested_steps(tmp_path):
     ("Cancel an order", "", "How do I cancel an order?"),
     ("How to export your data", "", "How do I export your data?"),
     ("Can I pay cash?", "", "Can I pay cash?"),
-    ("For a group", "How do I create templates?", "How do I create templates for a group?"),
-    ("Clearing the cache", "", "How do I go about clearing the cache?"),
+    ("For a group", "Create templates", "How do I create templates for a group?"),
+    ("Clearing the cache", "", "How do I clear the cache?"),
+    ("Troubleshooting", "", "How do I go about troubleshooting?"),
     ("SSH keys", "", "How do I use SSH keys?"),
+    ("Unstar all messages", "", "How do I unstar all messages?"),
+    ("Export of public data", "", "How do I export public data?"),
+    ("You don't have the app installed", "", "What do I do if I don't have the app installed?"),
+    ("Forgotten password", "", "What do I do about a forgotten password?"),
+    ("Homebrew", "Install the app", "How do I install the app with Homebrew?"),
 ])
 def test_headings_become_questions(heading, parent, question):
     assert heading_question(heading, parent) == question
@@ -255,7 +264,10 @@ def test_llm_reads_what_the_rules_cannot_and_sees_no_sensitive_text(tmp_path):
         records, report = collect_file(write(tmp_path / "prose.html", prose), client, max_llm_requests=5)
         assert records == [{"prompt": "How do I update my billing email?",
                             "response": ["Open the billing page.", "Change the address.", "Save it."],
-                            "source": f"{tmp_path / 'prose.html'}#update-your-billing-email", "extraction": "llm"}]
+                            "category": tmp_path.name.lower(), "extraction": "llm",
+                            "source": f"{tmp_path / 'prose.html'}#update-your-billing-email",
+                            "passage": records[0]["passage"]}]
+        assert records[0]["passage"].startswith("Open the billing page from the account menu")
         sent = received[0]["body"]["messages"][1]["content"]
         assert "billing page" in sent and "jane.doe@example.com" not in sent and "[EMAIL]" in sent
         chats = write(tmp_path / "chats.jsonl", json.dumps(CHATS[1]) + "\n")
@@ -293,7 +305,7 @@ def write_pdf(path: Path, pages: list[list[str]]) -> Path:
 def test_sample_raw_sources_give_records(tmp_path):
     collection = collect_inputs(sorted((ROOT / "data" / "raw").iterdir()))
     prompts = [r["prompt"] for _, _, r in collection.records]
-    assert "How do I cancel an order?" in prompts and "How do I freeze a lost card?" in prompts
+    assert "How do I cancel an order in ShopNow?" in prompts and "How do I freeze a lost card in PayLite?" in prompts
     assert len(collection.report["files"]) == 3 and all(f["procedures"] >= 2 for f in collection.report["files"])
 
 

@@ -51,14 +51,16 @@ def test_review_files_hold_every_record_redacted(review_dir):
     files = {p.name for p in review_dir.iterdir()}
     assert files == {"labeling_config.xml", "tasks.json", "review.jsonl", "review.csv"}
     config = ET.fromstring((review_dir / "labeling_config.xml").read_text())
-    assert {t.get("name") for t in config.iter() if t.get("name")} == {"source", "prompt", "steps", "decision"}
+    assert {t.get("name") for t in config.iter() if t.get("name")} == {"passage", "prompt", "steps", "decision"}
+    assert not [t for t in config.iter() if t.get("value") == "$source" and t.tag != "Header"]  # a label, not a URL
     tasks = json.loads((review_dir / "tasks.json").read_text())
     assert len(tasks) == 10  # 9 from the sample sources, 1 from the chat with personal data
     for task in tasks:
         data, prefill = task["data"], {r["from_name"]: r["value"] for r in task["predictions"][0]["result"]}
         assert prefill["prompt"]["text"] == [data["prompt"]] and prefill["decision"]["choices"] == ["accept"]
         assert prefill["steps"]["text"] == ["\n".join(data["steps"])]
-        assert data["source"] and data["extraction"] == "rules"
+        assert data["source"] and data["extraction"] == "rules" and data["category"] != "uncategorized"
+        assert all(step in data["passage"] for step in data["steps"][:1]) or "conversation" in data["source"]
     for name in files:
         text = (review_dir / name).read_text()
         assert "jane.doe@example.com" not in text and "7946" not in text
@@ -99,11 +101,11 @@ def test_edited_sheets_come_back_with_provenance_and_rejects_dropped(review_dir,
 
 def annotate(task: dict, decision: str, prompt: str | None = None, steps: list[str] | None = None) -> list[dict]:
     """An annotation's result as Label Studio stores it for the generated config."""
-    return [{"from_name": "prompt", "to_name": "source", "type": "textarea",
+    return [{"from_name": "prompt", "to_name": "passage", "type": "textarea",
              "value": {"text": [prompt or task["data"]["prompt"]]}},
-            {"from_name": "steps", "to_name": "source", "type": "textarea",
+            {"from_name": "steps", "to_name": "passage", "type": "textarea",
              "value": {"text": ["\n".join(steps or task["data"]["steps"])]}},
-            {"from_name": "decision", "to_name": "source", "type": "choices", "value": {"choices": [decision]}}]
+            {"from_name": "decision", "to_name": "passage", "type": "choices", "value": {"choices": [decision]}}]
 
 
 def review_plan(tasks: list[dict]) -> list[tuple[dict, list[dict]]]:

@@ -214,3 +214,110 @@ def test_label_studio_round_trip(review_dir, tmp_path):
                            str(out), "--keep-case", "--keep-punctuation"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     check_reviewed(out, tasks)
+
+
+# ------------------------------------------------------------------------------------------ bad review inputs
+def export_of(review_dir: Path, change) -> list:
+    """An export of the written tasks, every one accepted, with `change` applied to it."""
+    tasks = json.loads((review_dir / "tasks.json").read_text())
+    export = [{"id": k, "data": t["data"], "annotations": [{"id": k, "result": annotate(t, "accept"),
+                                                            "was_cancelled": False}]}
+              for k, t in enumerate(tasks, 1)]
+    return change(export)
+
+
+def set_at(value, path, new):
+    target = value
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return value
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: set_at(e, [1, "data"], ["How?", ["a", "b"]]), "task 2: field 'data': must be an object, got array"),
+    (lambda e: set_at(e, [0, "annotations", 0, "result", 1], "steps"),
+     "task 1: field 'annotations[0].result[1]': must be an object, got string"),
+    (lambda e: set_at(e, [2, "annotations"], ["accept"]), "task 3: field 'annotations[0]': must be an object"),
+    (lambda e: set_at(e, [2, "annotations"], [None]), "task 3: field 'annotations[0]': must be an object, got null"),
+    (lambda e: set_at(e, [0, "data", "steps"], "Open it. Tap it."),
+     "task 1: field 'data.steps': must be a list (a list of steps, one string each), got string"),
+])
+def test_malformed_label_studio_exports_are_one_line_errors(review_dir, tmp_path, capsys, change, message):
+    (tmp_path / "export.json").write_text(json.dumps(export_of(review_dir, change)))
+    assert pd.main([str(tmp_path / "export.json"), "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'export.json'}: {message}" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_studio_export_shapes_that_are_read_correctly(review_dir, tmp_path):
+    tasks = json.loads((review_dir / "tasks.json").read_text())
+    one = export_of(review_dir, lambda e: e[0])  # a single task object, not a list
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    out = tmp_path / "out-one"
+    assert pd.main([str(tmp_path / "one.json"), "--out", str(out), "--split", "1,0,0", "--keep-case",
+                    "--keep-punctuation"]) == 0
+    assert [r["prompt"] for r in outputs(out)] == [tasks[0]["data"]["prompt"]]
+
+    def edited(export):
+        task = export[1]
+        later = annotate(task, "accept", prompt="How do I pay a friend?")
+        later[0]["value"]["text"] = "How do I pay a friend?"  # a string where Label Studio writes a list
+        task["annotations"] = [{"id": "b-7", "result": later, "updated_at": "2026-12-02T10:00:00Z"},
+                               {"id": 3, "result": annotate(task, "reject"), "updated_at": "2026-12-01T10:00:00Z"}]
+        export[2]["annotations"] = None
+        return export
+    (tmp_path / "mixed.json").write_text(json.dumps(export_of(review_dir, edited)))
+    out = tmp_path / "out-mixed"
+    assert pd.main([str(tmp_path / "mixed.json"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    records = {r["prompt"]: r for r in outputs(out)}
+    assert records["How do I pay a friend?"]["response"] == tasks[1]["data"]["steps"]  # not split into letters
+    assert tasks[2]["data"]["prompt"] not in records and len(records) == len(tasks) - 1
+    assert {r["category"] for r in records.values()} == {t["data"]["category"] for t in tasks} - {""}
+
+
+def test_review_sheet_lines_that_are_not_rows_are_one_line_errors(review_dir, tmp_path, capsys):
+    lines = (review_dir / "review.jsonl").read_text().splitlines()
+    for name, bad, message in (
+            ("array.jsonl", "[1,2,3]", "line 3: field '(record)': must be an object, got array"),
+            ("broken.jsonl", '{"id": 9, "decision": "accept",', "broken.jsonl:3:"),
+            ("string.jsonl", json.dumps({**json.loads(lines[2]), "response": "Open it. Tap it."}),
+             "line 3: field 'response': must be a list (a list of steps, one string each), got string")):
+        (tmp_path / name).write_text("\n".join(lines[:2] + [bad] + lines[3:]) + "\n")
+        assert pd.main([str(tmp_path / name), "--out", str(tmp_path / "out")]) == 1
+        error = capsys.readouterr().err
+        assert message in error and str(tmp_path / name) in error and "Traceback" not in error, error
+        assert "line 1 column" not in error and not (tmp_path / "out").exists()
+
+
+def test_review_sheet_header_in_another_case_still_drops_rejected_rows(review_dir, tmp_path):
+    with open(review_dir / "review.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    table[0]["decision"] = "Reject"
+    with open(tmp_path / "review.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c.title() for c in table[0]])
+        writer.writeheader()
+        writer.writerows({k.title(): v for k, v in row.items()} for row in table)
+    out = tmp_path / "out"
+    assert pd.main([str(tmp_path / "review.csv"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    prompts = [r["prompt"] for r in outputs(out)]
+    assert table[0]["prompt"] not in prompts and len(prompts) == len(table) - 1
+
+
+def test_review_csv_cells_never_run_as_formulas_and_read_back_unchanged(tmp_path):
+    from howto.review import write_review
+
+    record = {"prompt": "+Plus members: how do I get a refund?", "category": "shopnow", "source": "help.html#x",
+              "extraction": "rules", "passage": "-5% off",
+              "response": ['=HYPERLINK("http://evil.example","Click")', "@SUM(1+1)", "'Quoted' label"]}
+    write_review(tmp_path / "review", [record])
+    with open(tmp_path / "review" / "review.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert all(not cell.startswith(("=", "+", "-", "@")) for cell in row.values())
+    assert row["steps"].startswith("'=HYPERLINK(") and row["prompt"].startswith("'+Plus")
+    out = tmp_path / "out"
+    assert pd.main([str(tmp_path / "review" / "review.csv"), "--out", str(out), "--split", "1,0,0", "--keep-case",
+                    "--keep-punctuation"]) == 0
+    [back] = outputs(out)
+    assert back["prompt"] == record["prompt"] and back["response"] == record["response"]

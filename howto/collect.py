@@ -541,13 +541,11 @@ def walk(element: Tag) -> list[Block]:
         elif name == "ol":
             items = child.find_all("li", recursive=False)
             links = all(li.a and clean(li.get_text()) == clean(li.a.get_text()) for li in items)
-            shown = "\n".join(f"{k}. {clean(li.get_text(' '))}" for k, li in enumerate(items, 1))
             blocks.append(Block("list", items=[texts.step(li) for li in items], ordered=not links,  # links: a menu
-                                shown=shown))
+                                shown=texts.shown(child)))
         elif name == "ul":
             items = child.find_all("li", recursive=False)
-            blocks.append(Block("list", items=[texts.step(li) for li in items],
-                                shown="\n".join(f"- {texts.own(li)}" for li in items)))
+            blocks.append(Block("list", items=[texts.step(li) for li in items], shown=texts.shown(child)))
             stack.append((iter([li for li in items if id(li) in holds_list]), None))
         elif name == "li" and texts.own(child).endswith(":") and len(texts.own(child).split()) <= 12:
             blocks.append(Block("variant", texts.own(child).rstrip(":").strip(), shown=""))
@@ -590,11 +588,30 @@ class ItemTexts:
     def __init__(self) -> None:
         self.owns: dict[int, str] = {}
         self.steps: dict[int, str] = {}
+        self.shown_items: set[int] = set()
 
     def own(self, li: Tag) -> str:
         if id(li) not in self.owns:
             self.owns[id(li)] = _own_text(li)
         return self.owns[id(li)]
+
+    def shown(self, listing: Tag) -> str:
+        """A list as the page shows it: an item a line, numbered or bulleted, nested lists indented under their
+        item, code and notes kept. A list nested in one already shown is left out (its lines are there)."""
+        items = listing.find_all("li", recursive=False)
+        if any(id(li) in self.shown_items for li in items):
+            return ""
+        lines: list[str] = []
+        stack = [(li, 0, k) for k, li in reversed(list(enumerate(items, 1)))]
+        while stack:
+            li, depth, number = stack.pop()
+            self.shown_items.add(id(li))
+            marker = f"{number}." if li.parent is not None and li.parent.name == "ol" else "-"
+            lines.append(f"{'   ' * depth}{marker} {_own_text(li, skip=('ol', 'ul'), notes=True)}")
+            for sub in reversed(li.find_all(["ol", "ul"], recursive=False)):
+                stack += [(n, depth + 1, k) for k, n in reversed(list(enumerate(sub.find_all("li", recursive=False),
+                                                                               1)))]
+        return "\n".join(lines)
 
     def step(self, li: Tag) -> str:
         if id(li) not in self.steps:
@@ -610,9 +627,10 @@ class ItemTexts:
         return self.steps[id(li)]
 
 
-def _own_text(item: Tag) -> str:
-    """An item's text without its nested lists, code, tables, figures, quotes and images, without its notes and
-    without the lead-in lines of what was left out (a later paragraph ending in ":")."""
+def _own_text(item: Tag, skip: Iterable[str] = _NOT_OWN, notes: bool = False) -> str:
+    """An item's text without its nested lists, code, tables, figures, quotes and images (the `skip` tags), without
+    its notes and without the lead-in lines of what was left out (a later paragraph ending in ":"), unless `notes`."""
+    skip = set(skip)
     parts: list[str] = []
     paragraphs = 0
     stack: list[tuple[Iterator[Any], int, int]] = [(iter(item.children), -1, -1)]  # children, start, paragraph no.
@@ -622,7 +640,7 @@ def _own_text(item: Tag) -> str:
             _, start, k = stack.pop()
             if start >= 0:
                 text = "".join(parts[start:]).strip()
-                if _NOTE.match(text) or (k and text.endswith(":")):
+                if not notes and (_NOTE.match(text) or (k and text.endswith(":"))):
                     del parts[start:]
                 else:
                     parts.append("\n")
@@ -630,7 +648,7 @@ def _own_text(item: Tag) -> str:
         if isinstance(node, NavigableString):
             if type(node) is NavigableString:
                 parts.append(str(node))
-        elif isinstance(node, Tag) and node.name not in _NOT_OWN:
+        elif isinstance(node, Tag) and node.name not in skip:
             if node.name in ("p", "div"):
                 stack.append((iter(node.children), len(parts), paragraphs))
                 paragraphs += 1

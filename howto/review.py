@@ -34,15 +34,16 @@ PROVENANCE = ("category", "source", "extraction", "passage")
 # A cell that a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection); written with a
 # leading apostrophe, which reading the sheet back takes off again.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
-# The source is shown as a label (a Header), never given to an object tag that may load it as a URL; the passage is
-# text stored in the task (valueType="text"), its lines kept.
+# The source is shown as a label (a Header of `source_label`, a copy of `source`: Label Studio resolves `$source` to the
+# whole task), never given to an object tag that may load it as a URL; the passage is text stored in the task
+# (valueType="text"), its lines kept.
 LABEL_CONFIG = """<View>
   <Style>.htx-text { white-space: pre-wrap; }</Style>
   <Header value="Collected how-to record: check the question and the steps against the passage of the page"/>
   <View style="display: flex; gap: 24px; align-items: flex-start">
     <View style="flex: 1; min-width: 0">
       <Header value="Passage of the page" size="5"/>
-      <Header value="$source" size="6"/>
+      <Header value="$source_label" size="6" style="font-weight: normal; overflow-wrap: anywhere"/>
       <Text name="passage" value="$passage" valueType="text" saveTextResult="no" selectionEnabled="false"/>
     </View>
     <View style="flex: 1; min-width: 0">
@@ -91,7 +92,8 @@ def write_review(folder: str | Path, records: list[dict[str, Any]]) -> None:
     """The Label Studio config and tasks, and the same records as an editable JSONL and CSV sheet."""
     folder = Path(folder)
     atomic_write_text(folder / "labeling_config.xml", LABEL_CONFIG)
-    tasks = [{"data": {"prompt": r["prompt"], "steps": r["response"], **{k: r.get(k, "") for k in PROVENANCE}},
+    tasks = [{"data": {"prompt": r["prompt"], "steps": r["response"], **{k: r.get(k, "") for k in PROVENANCE},
+                       "source_label": f"Source: {r.get('source') or 'not given'}"},
               "predictions": [{"model_version": r.get("extraction", "") or "input", "result": [
                   _result("prompt", "textarea", {"text": [r["prompt"]]}),
                   _result("steps", "textarea", {"text": ["\n".join(r["response"])]}),

@@ -22,6 +22,9 @@ import prepare_data as pd
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO = "label-studio==1.23.2"
 LABEL_STUDIO_VENV = ROOT / ".venv-labelstudio"  # its own environment: it pins Django and friends of its own
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's, driven by Playwright (test.sh installs it when it is missing)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 CHAT_WITH_PII = {"id": "t-9", "messages": [
     {"role": "customer", "text": "How do I add jane.doe@example.com as a second login to my MailBox account?"},
     {"role": "agent", "text": "1. Open Settings > Logins.\n2. Tap Add login and type jane.doe@example.com.\n"
@@ -161,6 +164,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shows_passage_and_steps(url: str, project: int, task: dict) -> None:
+    """The labeling page of the task, in a real browser, shows its source as a label, every line of its passage and
+    its steps, and no dump of the task in their place."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/user/login/")
+            page.fill("input[name=email]", "reviewer@example.com")
+            page.fill("input[name=password]", "review-pass")
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda address: "/user/login" not in address, timeout=60_000)
+            page.goto(f"{url}/projects/{project}/data?task={task['id']}")
+            page.get_by_text("Passage of the page", exact=True).wait_for(timeout=120_000)
+            labeling = page.locator(".lsf-main-view").first  # the labeling panel, not the task table beside it
+            labeling.get_by_text(task["data"]["steps"][-1]).first.wait_for(timeout=60_000)
+            shown, passage = labeling.inner_text(), labeling.locator(".lsf-richtext").first.inner_text()
+            editable = "\n".join(area.inner_text() for area in labeling.locator(".lsf-text-area").all())
+        finally:
+            browser.close()
+    lines = [line.strip() for line in task["data"]["passage"].splitlines() if line.strip()]
+    assert len(lines) > 3 and [line.strip() for line in passage.splitlines() if line.strip()] == lines, passage
+    assert all(step in editable for step in task["data"]["steps"]) and task["data"]["prompt"] in editable
+    assert task["data"]["source"] in shown and '"predictions"' not in shown  # a label, not the task's JSON
+
+
 @pytest.mark.slow
 def test_label_studio_round_trip(review_dir, tmp_path):
     command, port, token = label_studio(), free_port(), "howto-review-test-token"
@@ -195,6 +226,7 @@ def test_label_studio_round_trip(review_dir, tmp_path):
         tasks = sorted(listed["tasks"] if isinstance(listed, dict) else listed, key=lambda t: t["id"])
         assert [t["data"]["prompt"] for t in tasks] == \
             [t["data"]["prompt"] for t in json.loads((review_dir / "tasks.json").read_text())]
+        shows_passage_and_steps(url, pid, tasks[0])
         for task, result in review_plan(tasks):
             made = api.post(f"/api/tasks/{task['id']}/annotations/", json={"result": result, "project": pid})
             assert made.status_code == 201, made.text

@@ -401,12 +401,6 @@ def markdown_page(text: str) -> Page:
     return Page(walk(body), title, product)
 
 
-def html_blocks(html: str) -> tuple[list[Block], str]:
-    """The main content of an HTML page as blocks, and its title (see html_page)."""
-    page = html_page(html)
-    return page.blocks, page.title
-
-
 def html_page(html: str) -> Page:
     """The main content of an HTML page as blocks (navigation, banners, sidebars and footers left out), its title
     (the <title>, or else the first <h1>) and the site's name (og:site_name, application-name, or the <title>'s
@@ -443,13 +437,16 @@ def product_name(text: str, titled: bool) -> str:
     text = clean(text)
     if titled:
         parts = _TITLE_SEPARATOR.split(text)
-        if len(parts) > 1:
-            text = parts[-1]
-        elif not _DOC_WORDS.search(text):
+        if len(parts) == 1 and not _DOC_WORDS.search(text):
             return ""
+        text = parts[-1]
     while _DOC_WORDS.search(text):
         text = _DOC_WORDS.sub("", text).strip()
-    return text if 0 < len(text.split()) <= 4 else ""
+    words = text.split()
+    gerund = bool(words) and len(words[0]) > 6 and words[0].lower().endswith("ing")
+    if titled and words and (instructs(text) or gerund or not all(w[:1].isupper() or w[:1].isdigit() for w in words)):
+        return ""  # "Step 1 - Install the app", "Orders - cancelling and returns", "Help | Troubleshooting": no name
+    return text if 0 < len(words) <= 4 else ""
 
 
 def label_tab_panels(root: Tag) -> None:

@@ -220,7 +220,9 @@ def check_steps(steps: Any, field: str, present: bool) -> list[str]:
     if not present:
         raise RecordError(field, "missing")
     if not isinstance(steps, list):
-        raise RecordError(field, f"must be an array of step strings, got {json_type(steps)}")
+        hint = " (one string holds no steps: split it, one string a step)" if isinstance(steps, str) else ""
+        raise RecordError(field, f"must be a list of steps, a JSON array of strings like [\"Open the app.\", "
+                                 f"\"Tap Settings.\"], got {json_type(steps)}{hint}")
     if not steps:
         raise RecordError(field, "empty step list")
     for k, step in enumerate(steps):

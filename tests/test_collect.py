@@ -487,6 +487,13 @@ def test_product_named_in_questions_from_the_page_or_the_flag(tmp_path):
     assert [r["prompt"] for r in records] == ["How do I cancel an order in Cartly?"]
     records, _ = collect_file(write(tmp_path / "orders.html", page), product="ShopNow")
     assert [r["prompt"] for r in records] == ["How do I cancel an order in ShopNow?"]
+    site = "<title>Orders</title><meta property='og:site_name' content='Cartly Help Center'>"
+    for title in ("Step 2 - Install the app", "Orders - cancelling and returns", "Orders | Troubleshooting"):
+        records, _ = collect_file(write(tmp_path / "orders.html", page.replace(site, f"<title>{title}</title>")))
+        assert [r["prompt"] for r in records] == ["How do I cancel an order?"], title  # no name in these titles
+    records, _ = collect_file(write(tmp_path / "orders.html", page.replace(
+        site, "<title>Orders - ShopNow Help</title>")))
+    assert [r["prompt"] for r in records] == ["How do I cancel an order in ShopNow?"]
     untitled = "## Cancel an order\n\n1. Open **Orders**.\n1. Tap **Cancel**.\n"
     records, _ = collect_file(write(tmp_path / "orders.md", untitled))
     assert [r["prompt"] for r in records] == ["How do I cancel an order?"]  # no name on the page, none made up
@@ -515,7 +522,8 @@ def test_passage_is_bounded_and_redacted_in_review(tmp_path):
     write(tmp_path / "orders.html", page)
     records, _ = collect_file(tmp_path / "orders.html")
     text = records[0]["passage"]
-    assert len(text) <= 2000 and text.startswith("Cancel an order\n\n…") and text.endswith("1. Open Orders.\n2. Tap Cancel.")
+    assert len(text) <= 2000 and text.startswith("Cancel an order\n\n…")
+    assert text.endswith("To cancel an order:\n\n1. Open Orders.\n2. Tap Cancel.")
     assert pd.main([str(tmp_path / "orders.html"), "--out", str(tmp_path / "out"), "--review",
                     str(tmp_path / "review")]) == 0
     tasks = json.loads((tmp_path / "review" / "tasks.json").read_text())

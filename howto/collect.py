@@ -806,36 +806,31 @@ def make_procedure(lead_in: str, headings: list[Block], variants: list[str], tit
     """What the question of the steps is made of: a question just before them, else the "To X:" lead-in, else the
     heading (or a title-like line, in plain text), else the page title; None when there is none of these. The open
     tabs and labelled bullets, and a heading that only names a platform or a version, qualify the question."""
-    procedure = Procedure("", [], "", "", labels=[v for v in variants if not platform_parts(v)[0] and
-                                                   not platform_parts(v)[1]],
-                          platforms=[v for v in variants if any(platform_parts(v))])
+    procedure = Procedure("", [], "", "", platforms=[v for v in variants if is_platform(v)],
+                          labels=[v for v in variants if not is_platform(v)])
     you_can = _YOU_CAN.search(clean(lead_in))
     if you_can and is_verb(you_can.group(1).split()[0]):
         procedure.alternative = first_person(f"How do I {you_can.group(1)}?")
     last = clean(lead_in.strip().splitlines()[-1]) if lead_in.strip() else ""
     to = _TO_LEAD_IN.search(clean(lead_in))
+    to = to if to and to.group(1).lower() not in ("do this", "do so", "do that", "continue") else None
     if last.endswith("?"):
         procedure.question = re.sub(r"^(?:q|question)\s*[:.]\s*", "", last, flags=re.IGNORECASE)
-    elif to and to.group(1).lower() not in ("do this", "do so", "do that", "continue") and \
-            not (headings and _POINTING.search(to.group(1))):
+    elif to and not (headings and _POINTING.search(to.group(1))):
         procedure.question = f"How do I {to.group(1)}?"
-    elif to and to.group(1).lower() not in ("do this", "do so", "do that", "continue") and \
-            (_PROBLEM.search(headings[-1].text) or not instructs(headings[-1].text)):  # "To resolve this issue:"
+    elif to and (_PROBLEM.search(headings[-1].text) or not instructs(headings[-1].text)):  # "To resolve this issue:"
         procedure.question = f"How do I {to.group(1).split()[0]} \"{headings[-1].text}\"?"
     elif text_mode and last and len(last.split()) <= 12 and last[-1] not in ".:;,!":
         procedure.question = heading_question(last, "")
     elif headings:
         names = [h.text for h in headings]
-        # a heading that only names a platform or a version ("Mobile", "Version 2") qualifies the one above it
-        while len(names) > 1 and (any(platform_parts(names[-1])) or _VERSION.match(names[-1])):
-            (procedure.platforms if any(platform_parts(names[-1])) else procedure.versions).insert(0, names.pop())
-        if not any(platform_parts(names[-1])) and not _VERSION.match(names[-1]):
-            procedure.question = heading_question(names[-1], names[-2] if len(names) > 1 else title)
-        elif title:
-            procedure.question = heading_question(title, "")
-            (procedure.platforms if any(platform_parts(names[-1])) else procedure.versions).insert(0, names[-1])
-        else:
-            procedure.question = heading_question(names[-1], "")
+        # headings that only name a platform or a version ("Mobile", "Version 2") qualify the one above them, or
+        # the page's title
+        while names and (is_platform(names[-1]) or _VERSION.match(names[-1])) and (len(names) > 1 or title):
+            label = names.pop()
+            (procedure.platforms if is_platform(label) else procedure.versions).insert(0, label)
+        topic = names[-1] if names else title
+        procedure.question = heading_question(topic, names[-2] if len(names) > 1 else title if names else "")
     elif title:
         procedure.question = heading_question(title, "")
     else:
@@ -925,6 +920,10 @@ def platform_parts(label: str) -> tuple[list[str], list[str]]:
         return [], []
     apps = [PLATFORMS[w] for w in words if PLATFORMS[w] not in SYSTEMS]
     return list(dict.fromkeys(apps)), list(dict.fromkeys(PLATFORMS[w] for w in words if PLATFORMS[w] in SYSTEMS))
+
+
+def is_platform(label: str) -> bool:
+    return any(platform_parts(label))
 
 
 def ask(procedure: Procedure, product: str, with_labels: bool = False) -> str:

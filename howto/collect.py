@@ -178,8 +178,8 @@ def collect_inputs(files: list[Path], client: ChatClient | None = None, max_llm_
     record reader. With a `client`, what the rules cannot parse goes to the LLM within `max_llm_requests`.
     `product` and `category` name the product and the category of every collected record (see collect_file).
 
-    One question per procedure holds across files too: a question another file already asked, with the same
-    steps or others, is kept once and the report says so."""
+    One question per procedure holds across files and chats too: a question already asked, with the same steps or
+    others, is kept once and the report says so."""
     collection = Collection()
     review_counts: dict[str, int] = {}
     for path in files:
@@ -194,16 +194,16 @@ def collect_inputs(files: list[Path], client: ChatClient | None = None, max_llm_
     entries = {entry["file"]: entry for entry in collection.report["files"]}
     kept = []
     for file, where, record in collection.records:
-        first = asked.get(record["prompt"]) if entries[file]["kind"] in SOURCE_KINDS else None
-        if first and first[0] != file:
+        first = asked.get(question_key(record["prompt"])) if entries[file]["kind"] in SOURCE_KINDS else None
+        if first:
             same = first[1]["response"] == record["response"]
             entries[file]["skipped"].append(
                 f"{record.get('source') or file}: " + ("same question and steps as " if same else
                                                        "another set of steps for a question asked by ")
                 + f"{first[1].get('source') or first[0]}, kept once" + ("" if same else ": review both"))
-            entries[file]["procedures"] -= 1
+            entries[file]["procedures"] -= record.get("extraction") == "rules"
             continue
-        asked.setdefault(record["prompt"], (file, record))
+        asked.setdefault(question_key(record["prompt"]), (file, record))
         kept.append((file, where, record))
     collection.records = kept
     return collection
@@ -965,14 +965,14 @@ def one_question_each(procedures: list[Procedure], product: str) -> tuple[list[t
     kept: dict[str, int] = {}
     found, skipped = [], []
     for k, (question, p) in enumerate(zip(asked, procedures)):
-        if question in kept:
-            first = procedures[kept[question]]
+        if question_key(question) in kept:
+            first = procedures[kept[question_key(question)]]
             same = first.steps == p.steps
             skipped.append(f"#{p.anchor or 'top of the page'}: " + (
                 f"same question and steps as #{first.anchor}, kept once" if same else
                 f"another set of steps for \"{question}\" (kept those under #{first.anchor}): review both"))
             continue
-        kept[question] = k
+        kept[question_key(question)] = k
         found.append((question, p))
     return found, skipped
 
@@ -981,8 +981,13 @@ def _clashing(asked: list[str], procedures: list[Procedure]) -> list[int]:
     """The procedures whose question another procedure with other steps asks too."""
     steps: dict[str, set[tuple[str, ...]]] = {}
     for question, p in zip(asked, procedures):
-        steps.setdefault(question, set()).add(tuple(p.steps))
-    return [k for k, question in enumerate(asked) if len(steps[question]) > 1]
+        steps.setdefault(question_key(question), set()).add(tuple(p.steps))
+    return [k for k, question in enumerate(asked) if len(steps[question_key(question)]) > 1]
+
+
+def question_key(question: str) -> str:
+    """A question as normalisation leaves it (case and punctuation gone): two that differ only there are one."""
+    return " ".join(re.findall(r"\w+", question.lower()))
 
 
 # ------------------------------------------------------------------------------------------------------- chats

@@ -569,3 +569,16 @@ def test_broken_chat_jsonl_line_is_named_by_its_own_line(tmp_path):
     with pytest.raises(RunError, match=r"chats\.jsonl:2:\d+: malformed JSON at line 2, column \d+") as error:
         collect_inputs([chats])
     assert "\n" not in str(error.value)
+
+
+def test_chats_asking_one_question_keep_one_answer(tmp_path):
+    again = {"id": "c4", "messages": [
+        {"role": "customer", "text": "how do I change my delivery address?"},
+        {"role": "agent", "text": "1. Open Profile.\n2. Tap Addresses.\n3. Edit the address."}]}
+    chats = write(tmp_path / "chats.jsonl", "".join(json.dumps(c) + "\n" for c in [CHATS[0], again, CHATS[0]]))
+    collection = collect_inputs([chats])
+    assert [r["response"] for _, _, r in collection.records] == [["Go to Account > Addresses.", "Tap Edit.",
+                                                                  "Save the new address."]]
+    skipped = collection.report["files"][0]["skipped"]
+    assert any("#conversation=c4: another set of steps for a question asked by" in s for s in skipped)
+    assert any("same question and steps as" in s for s in skipped)

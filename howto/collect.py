@@ -6,8 +6,14 @@ A procedure is a question or heading followed by ordered steps: an ordered list,
 reply with numbered lines. Everything else (navigation, footers, bulleted feature lists, tables, code, prose answers,
 chats without steps) never becomes a record, and the report says what was skipped and why. Markdown, text and PDF
 go through a real Markdown parser and HTML through BeautifulSoup, so that every format meets the same block walker.
-Each record carries `source` (file#anchor, page or conversation) and `extraction` ("rules" or "llm"); nothing here
-validates or redacts: prepare_data.py puts collected records through the same stages as any other input.
+Each record carries `source` (file#anchor, page or conversation), `extraction` ("rules" or "llm"), `category` (the
+--category flag, else the product's name, else the file's folder) and `passage`: the text it came from as the page
+shows it (the section from its heading down to the end of the steps, or the chat), at most PASSAGE_CHARS long, for
+reviewers to check the record against. Questions are what a user would ask (see make_procedure, heading_question and
+ask): the lead-in's question or "To ...:" phrase, else the heading, with the platform of the tab or heading the steps
+sit under and the product ("How do I edit a message in the Zulip mobile app?"), and no two records share a question
+unless they share their steps (one_question_each, and collect_inputs across files). Nothing here validates or
+redacts: prepare_data.py puts collected records through the same stages as any other input.
 """
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def inert_cell(text: str) -> str:
 
 def cell_text(cell: str) -> str:
     """The text of a cell written by inert_cell."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) or cell == "'" else cell
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
 
 
 # ------------------------------------------------------------------------------------------------- reading back

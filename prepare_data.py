@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         files = find_input_files(args.inputs, out)
         llm = ChatClient.from_settings(args.augment_url, args.augment_model, key_env=args.augment_key_env) \
             if args.extract_llm else None
-        collection = collect_inputs(files, llm, args.extract_llm_max_requests)
+        collection = collect_inputs(files, llm, args.extract_llm_max_requests, args.product, args.category)
         raws = clock.lap("load", load_inputs(files, collection))
         items, skipped, unknown = clock.lap("validate", validate(raws, args.skip_invalid))
         pii = clock.lap("redact", redact_items(items))
@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send prose sections and chats that the rules find no steps in to the --augment-url LLM")
     p.add_argument("--extract-llm-max-requests", type=int, default=50, metavar="N",
                    help="most chat requests LLM extraction may make (default: %(default)s)")
+    p.add_argument("--product", default="", metavar="NAME",
+                   help="the product the raw pages document, named in their questions (\"How do I ... in NAME?\"); "
+                        "default: the name the page gives (its site name, or a title such as \"NAME Help Centre\")")
+    p.add_argument("--category", default="", metavar="NAME",
+                   help="category of the records collected from raw sources (default: the product's name, else "
+                        "the name of the file's folder)")
     p.add_argument("--review", metavar="DIR",
                    help="stop after extraction and redaction and write a Label Studio config and tasks and an "
                         "editable review.jsonl/review.csv sheet to DIR")

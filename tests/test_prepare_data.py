@@ -108,7 +108,7 @@ BAD_RECORDS = [
     ({"prompt": "q?", "response": ["Open the app"]}, "response", "only one step"),
     ({"prompt": "q?", "response": ["a", 3]}, "response[1]", "step must be a string, got number"),
     ({"prompt": "q?", "response": ["a", "  "]}, "response[1]", "empty step"),
-    ({"prompt": "q?", "response": "Open the app"}, "response", "must be an array"),
+    ({"prompt": "q?", "response": "Open the app"}, "response", "must be a list of steps"),
     ({"prompt": "q?"}, "response", "missing"),
     ({"prompt": "q?", "response": ["a", "b"], "category": ["x"]}, "category", "must be a string, got array"),
     (["not", "an", "object"], "(record)", "expected an object"),

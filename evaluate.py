@@ -14,6 +14,7 @@ people) go into the same report.
     python evaluate.py --data data/prepared --base tiny --finetuned runs/r1 --out eval/r1 --bertscore-model minilm
     python evaluate.py --data data/prepared --finetuned runs/r1 --out eval/r1 --fail-on-regression
     python evaluate.py --predictions base=base.jsonl gpt=gpt.jsonl --out eval/cmp --bertscore-model minilm
+    python evaluate.py --finetuned runs/r1 --out eval/r1 --serve     # chat and rate on http://127.0.0.1:7860
 
 Settings (flags, or the `evaluate:` section of a --config YAML): greedy decoding of at most 256 new tokens, 8
 prompts a batch (ordered by the reference's length so that a batch's answers end together); BERTScore with

@@ -729,17 +729,18 @@ def system_title(system: System) -> str:
 
 
 def rating_desk(args: argparse.Namespace, out_dir: Path) -> tuple[Any, str]:
-    """The blinded sheet the rate tab shows: OUT's, written first from OUT's base and fine-tuned answers when they are
-    there (kept as it is when it is the same sheet); None and why not, for the page."""
+    """The blinded sheet the rate tab shows: OUT's own (one written by --rating-sheet, or by an earlier page), else
+    one written now from OUT's base and fine-tuned answers; with --force-new-sheet, written again from the answers
+    as they are now. None and why not, for the page."""
     from howto import ratings, serve
 
+    key_file, sheet = out_dir / ratings.KEY_FILE, out_dir / ratings.SHEET_FILE
     try:
         tables = {name: read_predictions(f"{name}={out_dir / name / 'predictions.jsonl'}", {})[2]
                   for name in ("base", "finetuned") if (out_dir / name / "predictions.jsonl").is_file()}
-        if len(tables) == 2:
+        if len(tables) == 2 and (args.force_new_sheet or not key_file.exists() or not sheet.exists()):
             ratings.write_rating_sheet(rating_examples(tables, list(tables))[: args.limit], out_dir, seed=args.seed,
                                        force=args.force_new_sheet)
-        key_file, sheet = out_dir / ratings.KEY_FILE, out_dir / ratings.SHEET_FILE
         if not key_file.exists():
             return None, (f"Nothing to rate in {out_dir} yet: evaluate first (`python evaluate.py --data DATA "
                           f"--finetuned {args.finetuned} --out {out_dir}`); the base and fine-tuned answers it writes "
@@ -747,8 +748,8 @@ def rating_desk(args: argparse.Namespace, out_dir: Path) -> tuple[Any, str]:
         key = ratings.read_key(key_file)
         rows = ratings.read_sheet_rows(sheet)
         if not rows or any((r.get("sheet_id"), r.get("key_hash")) != (key.sheet_id, key.key_hash) for r in rows):
-            raise ratings.RatingsError(f"{sheet} is not the sheet of {key_file} (sheet {key.sheet_id}): write it "
-                                       "again with --rating-sheet")
+            raise ratings.RatingsError(f"{sheet} is not the sheet of {key_file} (sheet {key.sheet_id}): write a new "
+                                       "pair with --rating-sheet --force-new-sheet")
     except (RunError, ratings.RatingsError) as e:
         return None, str(e)
     return serve.RatingDesk(key, rows, out_dir / serve.RATINGS_DIR), ""

@@ -141,6 +141,23 @@ def test_a_run_without_an_adapter_and_an_out_without_answers_are_said_on_the_pag
     assert "a rating key without a sheet id" in evaluate.rating_desk(args, tmp_path / "eval")[1]
 
 
+def test_the_page_rates_the_sheet_that_is_out_and_replaces_it_only_when_forced(tmp_path):
+    out = tmp_path / "eval"
+    write_predictions(out)
+    write_rating_sheet(examples(), out, seed=3)  # handed out earlier with --rating-sheet --seed 3
+    out_key = read_key(out / "rating_key.json")
+    argv = ["--finetuned", str(tmp_path), "--out", str(out), "--serve"]
+    desk, notice = evaluate.rating_desk(evaluate.build_parser().parse_args(argv), out)
+    assert notice == "" and desk.key == out_key and len(desk.rows) == 4
+    desk.save("ana", "item-001", dict.fromkeys(SCORE_COLUMNS, 4))
+
+    (out / "finetuned" / "predictions.jsonl").write_text((out / "base" / "predictions.jsonl").read_text())
+    forced, _ = evaluate.rating_desk(evaluate.build_parser().parse_args([*argv, "--force-new-sheet"]), out)
+    assert forced.key.sheet_id != out_key.sheet_id  # the answers changed: a new sheet, a new id
+    with pytest.raises(RatingsError, match="this row is from sheet"):
+        forced.load("ana")  # what ana rated belongs to the old sheet: refused on the page, never overwritten
+
+
 def test_serve_needs_finetuned_and_a_real_port(tmp_path):
     with pytest.raises(SystemExit, match="--serve needs --finetuned"):
         evaluate.main(["--out", str(tmp_path), "--serve"])

@@ -1,8 +1,8 @@
 """The toolkit's local page, on Gradio: ask the base and the fine-tuned model the same question side by side, and rate
 the evaluation's answers blind on the rubric's 1-5 scale.
 
-Chat streams every system's answer token by token (transformers' TextIteratorStreamer; llama.cpp's streamed
-completion for a GGUF), starting from the evaluation's decoding settings, and shows each answer parsed into steps by
+Chat streams every system's answer as the tokens come (transformers' TextIteratorStreamer, which hands over whole
+words; llama.cpp's streamed completion for a GGUF), starting from the evaluation's decoding settings, and shows each answer parsed into steps by
 the parser the evaluation scores with. Rate shows the items of the run's blinded rating sheet (howto.ratings) one at
 a time, the two answers as A and B in the sheet's random order per item, and writes a rater's scores after every
 item to OUT/ratings/<rater>.csv: a filled sheet, which `evaluate.py --ratings` reads like one filled by hand. The
@@ -36,6 +36,7 @@ class ChatSystem:
     name: str
     title: str  # what the column says: the model, adapter or file
     generator: Generator
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one answer at a time: llama.cpp is not reentrant
 
 
 @dataclass
@@ -84,26 +85,33 @@ def stream_all(systems: list[ChatSystem], question: str, max_new_tokens: int,
     """Every system's answer so far, side by side: each system streams in a thread of its own, and a new snapshot
     comes whenever any of them has a new piece. A system that fails shows why in place of its answer."""
     updates: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    stop = threading.Event()  # the page went away (a reload, a closed tab): stop reading, free the model
 
     def run(system: ChatSystem) -> None:
-        try:
-            for text in stream_answer(system.generator, question, max_new_tokens, temperature):
-                updates.put((system.name, text))
-        except Exception as e:
-            updates.put((system.name, f"[generation failed: {type(e).__name__}: {e}]"))
+        with system.lock:
+            try:
+                for text in stream_answer(system.generator, question, max_new_tokens, temperature):
+                    if stop.is_set():
+                        break
+                    updates.put((system.name, text))
+            except Exception as e:
+                updates.put((system.name, f"[generation failed: {type(e).__name__}: {e}]"))
         updates.put((system.name, None))
 
     for system in systems:
         threading.Thread(target=run, args=(system,), daemon=True).start()
     answers = {s.name: "" for s in systems}
     running = len(systems)
-    while running:
-        name, text = updates.get()
-        if text is None:
-            running -= 1
-            continue
-        answers[name] = text
-        yield dict(answers)
+    try:
+        while running:
+            name, text = updates.get()
+            if text is None:
+                running -= 1
+                continue
+            answers[name] = text
+            yield dict(answers)
+    finally:
+        stop.set()
     yield dict(answers)
 
 

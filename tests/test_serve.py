@@ -141,6 +141,19 @@ def test_a_run_without_an_adapter_and_an_out_without_answers_are_said_on_the_pag
     assert "a rating key without a sheet id" in evaluate.rating_desk(args, tmp_path / "eval")[1]
 
 
+def test_the_runs_gguf_gets_a_column_beside_base_and_adapter(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "gguf").mkdir()
+    (run / "gguf" / "model-q4_1.gguf").symlink_to(smollm2_gguf())
+    args = evaluate.build_parser().parse_args(["--finetuned", str(run), "--out", str(tmp_path / "eval"), "--serve"])
+    systems, notices = evaluate.chat_systems(args)
+    assert notices == []
+    assert [(s.name, s.adapter, s.gguf) for s in systems] == [
+        ("base", None, None), ("finetuned", str(run), None), ("gguf-q4_1", None, str(run / "gguf" / "model-q4_1.gguf"))]
+    assert evaluate.system_title(systems[2]) == f"gguf-q4_1: {run / 'gguf' / 'model-q4_1.gguf'}"
+
+
 def test_the_page_rates_the_sheet_that_is_out_and_replaces_it_only_when_forced(tmp_path):
     out = tmp_path / "eval"
     write_predictions(out)

@@ -2,11 +2,12 @@
 the evaluation's answers blind on the rubric's 1-5 scale.
 
 Chat streams every system's answer as the tokens come (transformers' TextIteratorStreamer, which hands over whole
-words; llama.cpp's streamed completion for a GGUF), starting from the evaluation's decoding settings, and shows each answer parsed into steps by
-the parser the evaluation scores with. Rate shows the items of the run's blinded rating sheet (howto.ratings) one at
-a time, the two answers as A and B in the sheet's random order per item, and writes a rater's scores after every
-item to OUT/ratings/<rater>.csv: a filled sheet, which `evaluate.py --ratings` reads like one filled by hand. The
-page never learns which system is A; the key stays on disk and is only checked to be the sheet's own.
+words; llama.cpp's streamed completion for a GGUF), starting from the evaluation's decoding settings, and shows each
+answer parsed into steps by the parser the evaluation scores with. Rate shows the items of the run's blinded rating
+sheet (howto.ratings) one at a time, the two answers as A and B in the sheet's random order per item, and writes a
+rater's scores after every item to OUT/ratings/<rater>.csv: a filled sheet, which `evaluate.py --ratings` reads like
+one filled by hand. The page never learns which system is A; the key stays on disk and is only checked to be the
+sheet's own.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ people) go into the same report.
     python evaluate.py --data data/prepared --base tiny --finetuned runs/r1 --out eval/r1 --bertscore-model minilm
     python evaluate.py --data data/prepared --finetuned runs/r1 --out eval/r1 --fail-on-regression
     python evaluate.py --predictions base=base.jsonl gpt=gpt.jsonl --out eval/cmp --bertscore-model minilm
+    python evaluate.py --finetuned runs/r1 --out eval/r1 --serve     # chat and rate on http://127.0.0.1:7860
 
 Settings (flags, or the `evaluate:` section of a --config YAML): greedy decoding of at most 256 new tokens, 8
 prompts a batch (ordered by the reference's length so that a batch's answers end together); BERTScore with
@@ -56,14 +57,18 @@ from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_
 
 console = Console(stderr=True)
 Table = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
-# What evaluate.py writes at the top of OUT: no system may be named like one, since OUT/<name>/ holds its files.
+# What evaluate.py writes at the top of OUT: no system may be named like one, since OUT/<name>/ holds its files
+# ("ratings" is the folder the page of --serve saves its ratings to, howto.serve.RATINGS_DIR).
 OUTPUTS = ("metrics.json", "report.md", "report.html", "plots", "config.yaml", "run_info.json", "judge.jsonl",
-           "rating_sheet.csv", "rating_sheet.html", "rating_key.json")
+           "rating_sheet.csv", "rating_key.json", "ratings")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(build_parser(), argv, section="evaluate")
     out_dir = check_args(args)
+    if args.serve:
+        serve_page(args, out_dir)
+        return {}
     data_file = test_file(args.data) if args.data else None
     examples = load_test_set(data_file, None) if data_file else []
     if args.predictions:
@@ -134,16 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--judge-model", help="model name for the judge endpoint")
     rt.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     rt.add_argument("--rating-sheet", action="store_true",
-                    help="write a blinded rating sheet (CSV and HTML form) of the first two systems for people")
+                    help="write a blinded rating sheet (CSV) of the first two systems for people, and its key")
+    rt.add_argument("--force-new-sheet", action="store_true",
+                    help="let --rating-sheet or --serve replace a rating key whose sheet may be out with raters")
     rt.add_argument("--ratings", nargs="+", metavar="FILE", help="filled rating sheets to read back and report")
     rt.add_argument("--ratings-key", help="key that unblinds the sheets (default: OUT/rating_key.json)")
+    pg = p.add_argument_group("the page: chat and rate in a browser")
+    pg.add_argument("--serve", action="store_true",
+                    help="serve a local page instead of evaluating: chat with the base and --finetuned models side "
+                         "by side, and rate OUT's answers blind (saved to OUT/ratings/, read back by --ratings)")
+    pg.add_argument("--host", default="127.0.0.1", help="address the page listens on (loopback: this machine only)")
+    pg.add_argument("--port", type=positive_int, default=7860, help="port of the page")
     return p
 
 
 def check_args(args: argparse.Namespace) -> Path:
     """Every check that needs no model, before any slow work; returns the output folder, created."""
-    if not args.predictions and not (args.data and args.finetuned):
+    if args.serve and not args.finetuned:
+        raise RunError("--serve needs --finetuned (the run to chat with) and --out (the evaluation whose answers are "
+                       "rated)")
+    if not args.serve and not args.predictions and not (args.data and args.finetuned):
         raise RunError("give --data and --finetuned to generate, or --predictions NAME=FILE ... to score files")
+    if args.port > 65535:
+        raise RunError(f"--port {args.port}: a port is 1-65535")
     if args.bootstrap < 100:
         raise RunError(f"--bootstrap {args.bootstrap}: a 95% interval needs at least 100 resamples (default 2000)")
     if args.parity_tolerance < 0:
@@ -702,11 +720,15 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir:
     if args.rating_sheet:
         if len(systems) < 2:
             raise RunError("--rating-sheet needs two systems")
-        csv_path, html_path = ratings.write_rating_sheet(rating_examples(tables, systems[:2]), out_dir,
-                                                         seed=args.seed)
-        result["rating_sheet"] = {"csv": str(csv_path), "html": str(html_path), "systems": systems[:2],
-                                  "key": str(out_dir / "rating_key.json")}
-        console.print(f"rating sheet: {csv_path} and {html_path} (keep {out_dir / 'rating_key.json'} from raters)")
+        try:
+            csv_path = ratings.write_rating_sheet(rating_examples(tables, systems[:2]), out_dir, seed=args.seed,
+                                                  force=args.force_new_sheet)
+        except ratings.RatingsError as e:
+            raise RunError(f"--rating-sheet: {e}") from None
+        result["rating_sheet"] = {"csv": str(csv_path), "systems": systems[:2],
+                                  "key": str(out_dir / ratings.KEY_FILE)}
+        console.print(f"rating sheet: {csv_path} (keep {out_dir / ratings.KEY_FILE} from raters; or rate on the "
+                      "page of --serve)")
     if args.ratings:
         key = Path(args.ratings_key) if args.ratings_key else out_dir / "rating_key.json"
         try:
@@ -714,6 +736,81 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir:
         except (ratings.RatingsError, ValueError) as e:
             raise RunError(f"--ratings: {e}") from None
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The page (--serve): chat with the models, rate the answers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def serve_page(args: argparse.Namespace, out_dir: Path) -> None:
+    """Chat with the run's models and rate OUT's answers on a local page, until interrupted. The models load once,
+    here; what is missing (no adapter yet, no answers to rate) is said on the page instead of stopping."""
+    from howto import serve
+
+    systems, notices = chat_systems(args)
+    desk, rate_notice = rating_desk(args, out_dir)
+    loaded = []
+    for system in systems:
+        with console.status(f"loading {system.name} ({system.gguf or system.model})"):
+            loaded.append(serve.ChatSystem(system.name, system_title(system), load_generator(system, args)))
+    report_hint = (f"To put the ratings in the report: `python evaluate.py --data DATA --finetuned {args.finetuned} "
+                   f"--out {out_dir} --ratings {out_dir / serve.RATINGS_DIR}/*.csv` (agreement when two or more "
+                   "people rated).")
+    page = serve.build_page(loaded, serve.Decoding(args.max_new_tokens, args.temperature, args.gguf_context),
+                            notices, desk, rate_notice, report_hint)
+    console.print(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve.launch(page, args.host, args.port)
+
+
+def chat_systems(args: argparse.Namespace) -> tuple[list[System], list[str]]:
+    """The chat's systems: base, fine-tuned and the run's GGUF files; a run folder with no model in it yet gives the
+    base alone, and a notice for the page saying why."""
+    path = Path(args.finetuned)
+    if not path.exists():
+        raise RunError(f"--finetuned {args.finetuned}: no such file or folder")
+    try:
+        systems = resolve_systems(args.base, args.finetuned)
+    except RunError as e:
+        base = args.base or read_run_info(path).get("base_model") or default_model()
+        return [System("base", model=base)], [f"No fine-tuned model to chat with: {e}. The base model answers "
+                                              "alone; train first (finetune.py) or point --finetuned at an adapter."]
+    try:
+        ggufs = [s for s in export_systems(args, systems[0].model) if s.gguf] if args.parity else []
+    except RunError as e:
+        return systems, [f"The run's exports are left out: {e}"]
+    return systems + ggufs, []
+
+
+def system_title(system: System) -> str:
+    """A chat column's heading: which model answers there."""
+    return f"{system.name}: {system.gguf or system.model}" + (f" + {system.adapter}" if system.adapter else "")
+
+
+def rating_desk(args: argparse.Namespace, out_dir: Path) -> tuple[Any, str]:
+    """The blinded sheet the rate tab shows: OUT's own (one written by --rating-sheet, or by an earlier page), else
+    one written now from OUT's base and fine-tuned answers; with --force-new-sheet, written again from the answers
+    as they are now. None and why not, for the page."""
+    from howto import ratings, serve
+
+    key_file, sheet = out_dir / ratings.KEY_FILE, out_dir / ratings.SHEET_FILE
+    try:
+        tables = {name: read_predictions(f"{name}={out_dir / name / 'predictions.jsonl'}", {})[2]
+                  for name in ("base", "finetuned") if (out_dir / name / "predictions.jsonl").is_file()}
+        if len(tables) == 2 and (args.force_new_sheet or not key_file.exists() or not sheet.exists()):
+            ratings.write_rating_sheet(rating_examples(tables, list(tables))[: args.limit], out_dir, seed=args.seed,
+                                       force=args.force_new_sheet)
+        if not key_file.exists():
+            return None, (f"Nothing to rate in {out_dir} yet: evaluate first (`python evaluate.py --data DATA "
+                          f"--finetuned {args.finetuned} --out {out_dir}`); the base and fine-tuned answers it writes "
+                          "are rated here.")
+        key = ratings.read_key(key_file)
+        rows = ratings.read_sheet_rows(sheet)
+        if not rows or any((r.get("sheet_id"), r.get("key_hash")) != (key.sheet_id, key.key_hash) for r in rows):
+            raise ratings.RatingsError(f"{sheet} is not the sheet of {key_file} (sheet {key.sheet_id}): write a new "
+                                       "pair with --rating-sheet --force-new-sheet")
+    except (RunError, ratings.RatingsError) as e:
+        return None, str(e)
+    return serve.RatingDesk(key, rows, out_dir / serve.RATINGS_DIR), ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------

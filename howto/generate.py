@@ -16,12 +16,13 @@ Answer = tuple[str, int]
 
 
 def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int,
-                 temperature: float = 0.0) -> list[Answer]:
+                 temperature: float = 0.0, streamer: Any = None) -> list[Answer]:
     """Answers to several tokenized prompts at once.
 
     The prompts are left-padded by hand with an attention mask, since the chat template builds ids that a
     tokenizer's own padding would not see; decoder-only models must be padded on the left so that every answer
-    continues right after its prompt.
+    continues right after its prompt. A `streamer` (transformers' TextIteratorStreamer, one prompt) gets the tokens
+    as they come, for the chat page.
     """
     import torch
 
@@ -34,7 +35,7 @@ def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: 
         {"do_sample": False}
     with torch.no_grad():
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos, pad_token_id=pad, **sampling)
+                          eos_token_id=eos, pad_token_id=pad, streamer=streamer, **sampling)
     answers = []
     for row in out[:, width:].tolist():
         end = row.index(eos) if eos in row else len(row)
@@ -83,12 +84,17 @@ class GGUFGenerator:
     def __call__(self, prompts: list[str]) -> list[Answer]:
         answers = []
         for prompt in prompts:
-            self.llm.reset()
-            out = self.llm.create_completion(prompt_ids(self.canonical_tokenizer, prompt),
-                                             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=0,
-                                             top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=self.seed)
+            out = self.completion(prompt, self.max_new_tokens, self.temperature)
             answers.append((out["choices"][0]["text"].strip(), int(out["usage"]["completion_tokens"])))
         return answers
+
+    def completion(self, prompt: str, max_new_tokens: int, temperature: float, stream: bool = False) -> Any:
+        """llama.cpp's completion of one question, evaluated whole (see above); with `stream`, an iterator of
+        chunks as the tokens come, for the chat page."""
+        self.llm.reset()
+        return self.llm.create_completion(prompt_ids(self.canonical_tokenizer, prompt), max_tokens=max_new_tokens,
+                                          temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                          seed=self.seed, stream=stream)
 
 
 def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:

@@ -323,8 +323,10 @@ def ratings_blocks(ratings: dict[str, Any]) -> list[Block]:
             blocks.append(("p", f"Judge model {result.get('judge_model')}; {result['missing']} scores missing after "
                                 f"retries; {result.get('requests')} requests."))
         else:
+            absent = result.get("absent_items")
             blocks.append(("p", f"Raters: {', '.join(result['raters'])}; {result['items']} items; "
-                                f"{result['missing']} empty score cells."))
+                                f"{result['missing']} score cells empty or missing"
+                                + (f" ({absent} items left off a rater's sheet)." if absent else ".")))
         header = ["Criterion", *(f"{s} mean [95% CI]" for s in systems)]
         paired = result.get("paired") or {}
         if paired:
@@ -345,8 +347,8 @@ def ratings_blocks(ratings: dict[str, Any]) -> list[Block]:
                             for c, a in result["agreement"].items()]))
     if ratings.get("rating_sheet"):
         sheet = ratings["rating_sheet"]
-        blocks.append(("p", f"Blinded rating sheet for people: {sheet['csv']} and {sheet['html']}; the key "
-                            f"{sheet['key']} unblinds the filled sheets (--ratings FILE...)."))
+        blocks.append(("p", f"Blinded rating sheet for people: {sheet['csv']}; the key {sheet['key']} unblinds "
+                            "the filled sheets (--ratings FILE...)."))
     return blocks
 
 

@@ -148,7 +148,7 @@ def test_bad_predictions_name_the_file_line_and_field(tmp_path):
         evaluate.load_test_set(test, None)
 
 
-@pytest.mark.parametrize("name", ["report.html", "metrics.json", "Report.MD", "plots", "rating_key.json"])
+@pytest.mark.parametrize("name", ["report.html", "metrics.json", "Report.MD", "plots", "rating_key.json", "ratings"])
 def test_system_named_like_an_output_is_refused_before_scoring(name, tmp_path, monkeypatch):
     """Issue 19: `--predictions report.html=FILE` scored everything, then failed writing report.html over its folder."""
     monkeypatch.setattr(evaluate, "score_all", must_not_run)
@@ -508,11 +508,11 @@ def test_ratings_go_into_metrics_and_report(tmp_path, judge_url, monkeypatch):
     judge = metrics["ratings"]["judge"]
     assert judge["means"]["good"] == {"correctness": 5.0, "completeness": 5.0, "clarity": 5.0}
     assert judge["means"]["weak"]["clarity"] == 3.0 and judge["missing"] == 0
-    assert (out / "rating_sheet.csv").is_file() and (out / "rating_sheet.html").is_file()
+    assert (out / "rating_sheet.csv").is_file() and not (out / "rating_sheet.html").exists()
     for name in ("metrics.json", "report.md", "report.html", "config.yaml", "run_info.json", "judge.jsonl"):
         assert "sk-do-not-log-me" not in (out / name).read_text()
 
-    key = json.loads((out / "rating_key.json").read_text())
+    key = json.loads((out / "rating_key.json").read_text())["items"]
     with open(out / "rating_sheet.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:  # a rater who likes the good system's answers better

@@ -41,7 +41,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table as RichTable
 
-from howto import forgetting, parity, report
+from howto import forgetting, parity, report, runtime
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
 from howto.generate import GGUFGenerator, HFGenerator, is_gguf_file
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MINILM, BertScore, BertScoreUnavailable, StepEncoder,
@@ -50,14 +50,15 @@ from howto.models import (default_model, free_memory, has_cuda, load_for_generat
                           resolve_model)
 from howto.records import read_clean, read_records
 from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, parse_args,
-                         positive_int, write_json, write_jsonl, write_run_info)
+                         positive_int, run_script, write_json, write_jsonl, write_run_info)
 
 console = Console(stderr=True)
 Table = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(build_parser(), argv, section="evaluate")
+    runtime.setup()
+    args = parse_args(build_parser(), argv, section="evaluate", siblings=sibling_parsers)
     out_dir = check_args(args)
     data_file = test_file(args.data) if args.data else None
     examples = load_test_set(data_file, None) if data_file else []
@@ -76,6 +77,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_results(metrics, out_dir)
     check_regression(metrics, args)
     return metrics
+
+
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import finetune
+    import prepare_data
+
+    return [finetune.build_parser(), prepare_data.build_parser()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -713,4 +722,4 @@ def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -47,12 +47,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from howto import chat, flops, models, preflight, trainlog
+from howto import chat, flops, models, preflight, runtime, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
-    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, markdown_table, parse_args, write_json,
-    write_run_info,
+    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, markdown_table, parse_args, run_script,
+    write_json, write_run_info,
 )
 
 REQUIRED_SPLITS = ("train", "val")
@@ -77,6 +77,7 @@ console = Console(quiet=not is_main_process())
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.setup()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     out_dir = Path(args.out)
@@ -109,6 +110,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- Settings
+
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import evaluate
+    import prepare_data
+
+    return [evaluate.build_parser(), prepare_data.build_parser()]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Defaults: the recipe that fits Mistral-7B QLoRA on a 16 GB T4 (configs/t4.yaml gives the reasons)."""
@@ -251,7 +260,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_args(parser, argv, section="finetune")
+    args = parse_args(parser, argv, section="finetune", siblings=sibling_parsers)
     check_args(parser, args)
     check_out_dir(args.out)  # a file, or a folder without write access, fails now rather than after training
     return args
@@ -724,6 +733,15 @@ def trial_args(args: argparse.Namespace, choice: dict[str, Any], resume: bool = 
     return argparse.Namespace(**{**vars(args), **choice, "sweep": False, "export": [], "resume": resume})
 
 
+class SweepStopped(BaseException):
+    """A trial's RunError on its way past Optuna, which would catch an Exception, log it with its traceback and mark
+    the trial failed: like Ctrl-C, it leaves the trial RUNNING in the study, so that --resume continues it."""
+
+    def __init__(self, error: RunError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
               argv: list[str]) -> list[dict[str, Any]]:
     """Each trial a real run with early stopping in OUT/sweep/trial-K, chosen by Optuna: every point of the grid
@@ -769,11 +787,17 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
         trial_dir = sweep_dir / f"trial-{folder}"
         console.rule(f"trial {folder}: " + ", ".join(f"{k}={v}" for k, v in choice.items()))
         resume = args.resume and last_checkpoint(trial_dir) is not None
-        info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        try:
+            info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        except RunError as e:
+            raise SweepStopped(e) from None
         trial.set_user_attr("result", {**choice, "trial": folder, **info})
         return info["best_val_loss"]
 
-    study.optimize(objective, n_trials=max(0, size - len(finished)))
+    try:
+        study.optimize(objective, n_trials=max(0, size - len(finished)))
+    except SweepStopped as stopped:
+        raise stopped.error from None
     ranked = sorted((t.user_attrs["result"] for t in study.trials if t.state == TrialState.COMPLETE),
                     key=lambda r: r["best_val_loss"])
     if is_main_process():
@@ -832,4 +856,4 @@ def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,6 +14,7 @@ from chat_server import chat_server
 from howto.generate import generate_batch
 from howto.metrics import METRICS
 from howto.report import METRIC_LABELS, fmt, fmt_p
+from howto.runio import RunError
 
 RECORDS = [
     {"prompt": "How do I reset my password in the ShopNow app?", "category": "shopping",
@@ -117,14 +118,14 @@ def test_report_shows_every_number_and_is_self_contained(scored):
 def test_bad_predictions_name_the_file_line_and_field(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"},
                                                {"prompt": "b", "reference": ["x"], "output": 3}])
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'output'"):
+    with pytest.raises(RunError, match=r"bad\.jsonl:2: field 'output'"):
         evaluate.main(["--predictions", f"x={bad}", "--out", str(tmp_path / "out")])
     no_ref = write_jsonl(tmp_path / "noref.jsonl", [{"prompt": "a", "output": "1. x\n2. y"}])
-    with pytest.raises(SystemExit, match=r"noref\.jsonl:1: field 'reference'"):
+    with pytest.raises(RunError, match=r"noref\.jsonl:1: field 'reference'"):
         evaluate.main(["--predictions", f"x={no_ref}", "--out", str(tmp_path / "out")])
     test = tmp_path / "test.jsonl"
     test.write_text('{"prompt": "a", "response": ["x", "y"]}\n{"prompt": "b", "response": "x"}\n')
-    with pytest.raises(SystemExit, match=r"test\.jsonl:2: field 'response'"):
+    with pytest.raises(RunError, match=r"test\.jsonl:2: field 'response'"):
         evaluate.load_test_set(test, None)
 
 
@@ -141,7 +142,7 @@ def test_systems_pair_on_normalised_prompts_and_say_how_many(tmp_path):
     assert metrics["comparisons"]["b"]["step_coverage"]["delta"] < 0  # the paired prompts really were compared
     assert "b: 2 of 4 paired" in (out / "report.md").read_text()
     c = [{"prompt": "How do I bake bread?", "response": ["Mix.", "Bake."], "output": "1. Mix\n2. Bake"}]
-    with pytest.raises(SystemExit, match="no prompt in common"):
+    with pytest.raises(RunError, match="no prompt in common"):
         evaluate.main([*argv[:3], f"c={write_jsonl(tmp_path / 'c.jsonl', c)}", *argv[3:]])
 
 
@@ -158,27 +159,27 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys)
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0" * 16)
     for path in (fake, weights):
-        with pytest.raises(SystemExit, match=r"--finetuned .*: not a GGUF file"):
+        with pytest.raises(RunError, match=r"--finetuned .*: not a GGUF file"):
             evaluate.main([*argv, "--finetuned", str(path), "--out", str(tmp_path / "out")])
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"--bootstrap 10: a 95% interval needs at least 100"):
+    with pytest.raises(RunError, match=r"--bootstrap 10: a 95% interval needs at least 100"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--bootstrap", "10"])
     for flag in ("--bootstrap", "--limit", "--max-new-tokens", "--batch-size"):
         with pytest.raises(SystemExit) as usage:
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), flag, "0"])
         assert usage.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--out .*: is a file, not a folder"):
+    with pytest.raises(RunError, match=r"--out .*: is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data)])
-    with pytest.raises(SystemExit, match=r"--out .*: .* is a file, not a folder"):
+    with pytest.raises(RunError, match=r"--out .*: .* is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data / "out")])
-    with pytest.raises(SystemExit, match=r"--exports .*: not a GGUF file"):
+    with pytest.raises(RunError, match=r"--exports .*: not a GGUF file"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--exports", str(fake)])
     if os.geteuid() != 0:  # root writes into read-only folders
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        with pytest.raises(SystemExit, match=r"--out .*: cannot write in"):
+        with pytest.raises(RunError, match=r"--out .*: cannot write in"):
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(locked)])
 
 
@@ -200,7 +201,7 @@ def test_finetuned_resolves_to_the_base_it_was_trained_on(tmp_path):
     merged.mkdir()
     (merged / "config.json").write_text("{}")
     assert evaluate.resolve_systems("tiny", str(merged))[1] == evaluate.System("finetuned", model=str(merged))
-    with pytest.raises(SystemExit, match="adapter_config.json"):
+    with pytest.raises(RunError, match="adapter_config.json"):
         evaluate.resolve_systems("tiny", str(tmp_path))
 
 

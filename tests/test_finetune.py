@@ -24,6 +24,7 @@ from rich.console import Console
 
 import finetune
 from howto import chat
+from howto.runio import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -197,7 +198,7 @@ def test_optuna_sweep_is_seeded_and_resume_continues_the_study(small_data, tmp_p
              "1e-4,3e-2", "--sweep-epochs", "1", "--sweep-batch-size", "4"]
     finetune.main([*flags, "--sweep-optuna-trials", "1"])
     first = read_json(out / "sweep" / "trial-1" / "run_info.json")
-    with pytest.raises(SystemExit, match="holds an earlier Optuna study: pass --resume"):
+    with pytest.raises(RunError, match="holds an earlier Optuna study: pass --resume"):
         finetune.main([*flags, "--sweep-optuna-trials", "2"])
     finetune.main([*flags, "--sweep-optuna-trials", "2", "--resume"])
     assert read_json(out / "sweep" / "trial-1" / "run_info.json") == first  # the finished trial is kept, not rerun
@@ -264,10 +265,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(small_data, tmp_
 
 def test_resume_without_a_checkpoint_and_reuse_of_a_run_folder_are_refused(small_data, tmp_path, capsys):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="no checkpoint in .*checkpoints to continue from"):
+    with pytest.raises(RunError, match="no checkpoint in .*checkpoints to continue from"):
         finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
     (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run: pass --resume"):
+    with pytest.raises(RunError, match="holds checkpoints of an earlier run: pass --resume"):
         finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf"])
 
 
@@ -300,17 +301,17 @@ def test_resume_with_other_data_is_refused_and_rewrites_nothing(small_data, lear
     write_run_info(out, {"data": str(small_data)}, files, {"base_model": "tiny", "status": "interrupted"})
     (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     before = {name: (out / name).read_bytes() for name in ("run_info.json", "config.yaml")}
-    with pytest.raises(SystemExit, match=r"--resume: .*run_info.json trained on other data .*resume with the --data"):
+    with pytest.raises(RunError, match=r"--resume: .*run_info.json trained on other data .*resume with the --data"):
         finetune.main(["--data", str(learnable_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_data_file_and_out_file_are_refused_before_any_work(learnable_data, tmp_path):
     base = [*TINY, "--engine", "hf"]
-    with pytest.raises(SystemExit, match="is a file; --data takes the folder prepare_data.py --out wrote"):
+    with pytest.raises(RunError, match="is a file; --data takes the folder prepare_data.py --out wrote"):
         finetune.main(["--data", str(learnable_data / "train.jsonl"), "--out", str(tmp_path / "run"), *base])
     (tmp_path / "taken").write_text("a file\n")
-    with pytest.raises(SystemExit, match="--out .*taken: is a file, not a folder"):
+    with pytest.raises(RunError, match="--out .*taken: is a file, not a folder"):
         finetune.main(["--data", str(learnable_data), "--out", str(tmp_path / "taken"), *base])
 
 
@@ -347,7 +348,7 @@ def test_labels_cover_the_assistant_steps_only(engine, learnable_data, tmp_path,
     if engine == "hf":
         batch = collated_batch(argv)
     else:  # Unsloth patches the libraries it is imported before: its own process
-        code = ("import unsloth, json, sys; sys.path.insert(0, 'tests'); from test_finetune import collated_batch; "
+        code = ("import unsloth, json; from tests.test_finetune import collated_batch; "
                 f"print('BATCH=' + json.dumps(collated_batch({argv!r})))")
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True,
                                 text=True, timeout=600)
@@ -389,7 +390,7 @@ def test_records_that_would_train_on_nothing_are_refused_by_name(tmp_path, capsy
     long_prompt = "How do I " + "really " * 80 + "reset my password?"
     write_split(folder, "val", [howto_records(VAL_APPS)[0],
                                 {"prompt": long_prompt, "response": ["Open the app", "Tap 'Reset'"]}])
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(RunError) as exc:
         finetune.main(["--data", str(folder), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"])
     message = str(exc.value)
     assert "1 record(s) would train on no token" in message
@@ -416,16 +417,16 @@ def test_bad_flags_are_refused(flags, message, learnable_data, tmp_path, capsys)
 
 def test_missing_empty_or_broken_splits_name_the_file(learnable_data, tmp_path):
     base = ["--out", str(tmp_path / "run"), *TINY, "--engine", "hf"]
-    with pytest.raises(SystemExit, match="no such folder"):
+    with pytest.raises(RunError, match="no such folder"):
         finetune.main(["--data", str(tmp_path / "nowhere"), *base])
     (learnable_data / "val.jsonl").unlink()
-    with pytest.raises(SystemExit, match=f"{learnable_data / 'val.jsonl'}: not found"):
+    with pytest.raises(RunError, match=f"{learnable_data / 'val.jsonl'}: not found"):
         finetune.main(["--data", str(learnable_data), *base])
     (learnable_data / "val.jsonl").write_text("\n")
-    with pytest.raises(SystemExit, match=f"{learnable_data / 'val.jsonl'}: the val split is empty"):
+    with pytest.raises(RunError, match=f"{learnable_data / 'val.jsonl'}: the val split is empty"):
         finetune.main(["--data", str(learnable_data), *base])
     write_split(learnable_data, "train", [howto_records(TRAIN_APPS)[0], {"prompt": "How?", "response": "Open it"}])
-    with pytest.raises(SystemExit, match=f"{learnable_data / 'train.jsonl'}:2: field 'response'"):
+    with pytest.raises(RunError, match=f"{learnable_data / 'train.jsonl'}:2: field 'response'"):
         finetune.main(["--data", str(learnable_data), *base])
 
 
@@ -567,17 +568,19 @@ def test_cpu_loss_runs_in_the_runs_mixed_precision(learnable_data, tmp_path):
 
 
 def test_compiled_kernels_are_cached_beside_the_models(tmp_path, monkeypatch):
-    """Inductor's folder, as torch resolves it once finetune's imports are done (transformers' import settles it), is
-    under HOWTO_CACHE rather than the temp folder; a TORCHINDUCTOR_CACHE_DIR of the user's own wins."""
-    from howto import models
+    """Inductor's folder, as torch resolves it once finetune.main has set the process up and transformers is imported
+    (its import settles the folder), is under HOWTO_CACHE rather than the temp folder; a TORCHINDUCTOR_CACHE_DIR of
+    the user's own wins."""
+    from howto import runtime
 
-    code = "import finetune; from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())"
+    code = ("import finetune\ntry:\n    finetune.main(['--help'])\nexcept SystemExit:\n    pass\nimport transformers\n"
+            "from torch._inductor.runtime.cache_dir_utils import cache_dir\nprint(cache_dir())")
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HOWTO_CACHE": str(tmp_path)},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == str(tmp_path / "torch-compile")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    models.compile_cache()
+    runtime.compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 

@@ -37,8 +37,9 @@ FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9_-]*")
 @cache
 def script_parser(script: str) -> argparse.ArgumentParser:
     """The script's own parser after howto.runio.parse_args has added --config, exactly as the script runs it."""
-    parser = importlib.import_module(script).build_parser()
-    parse_args(parser, MINIMAL_ARGV[script], section=script)
+    module = importlib.import_module(script)
+    parser = module.build_parser()
+    parse_args(parser, MINIMAL_ARGV[script], section=script, siblings=module.sibling_parsers)
     return parser
 
 
@@ -162,7 +163,8 @@ def test_every_script_call_in_code_blocks_uses_real_flags():
         elif flags:
             other_scripts.setdefault(path, set()).update(flags)
     for path, flags in other_scripts.items():  # bench scripts build their parser inside main(): ask them
-        helptext = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True,
+        module = path.removesuffix(".py").replace("/", ".")
+        helptext = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                                   timeout=120)
         assert helptext.returncode == 0, f"{path} --help failed:\n{helptext.stderr[-2000:]}"
         unknown = {f for f in flags if f not in FLAG.findall(helptext.stdout)}
@@ -226,8 +228,10 @@ def test_config_keys_are_flags_of_the_scripts_they_apply_to(config):
 def test_config_loads_into_each_script_with_its_values(config, script):
     """The real loading path, values and types included: a value the parser or finetune's checks reject fails."""
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))
-    parser = importlib.import_module(script).build_parser()
-    args = parse_args(parser, [*MINIMAL_ARGV[script], "--config", str(config)], section=script)
+    module = importlib.import_module(script)
+    parser = module.build_parser()
+    args = parse_args(parser, [*MINIMAL_ARGV[script], "--config", str(config)], section=script,
+                      siblings=module.sibling_parsers)
     expected = {k: v for k, v in settings.items() if not isinstance(v, dict)}
     expected = {k.replace("-", "_"): v for k, v in expected.items() if k.replace("-", "_") in dests_of(script)}
     expected.update({k.replace("-", "_"): v for k, v in settings.get(script, {}).items()})

@@ -186,7 +186,7 @@ CPU_ATTENTION = "eager"
 
 def cpu_plan() -> dict[str, Any]:
     """Engine, precision, 4-bit, attention and threads for training on this CPU, from what it supports and what
-    bench/train_bench.py measured (README, Benchmarks): on a CPU both engines train the same transformers model with
+    bench/train_bench.py measured (docs/benchmarks.md): on a CPU both engines train the same transformers model with
     the same kernels, at the same speed within noise, so the plain hf engine (no Unsloth import and patching); bf16
     where the CPU has it natively (more tokens/s than fp32 there); no 4-bit, since bitsandbytes dequantizes every
     layer on every step on a CPU; transformers' eager attention (two batched matmuls around a softmax), since the

@@ -12,11 +12,11 @@ Groups, each row a process of its own through finetune.py's loading and trainer 
 - checkpointing: gradient checkpointing on (the recomputation costs a forward pass of every layer) and off;
 - batching: padded batches in random order (before) and batches of similar lengths (TRL's group_by_length);
 - attention: transformers' `sdpa` attention (before: torch's fused CPU kernel) and its eager attention (after);
-- compile: the decoder layers run op by op (before) and compiled by torch.compile (after; finetune.compile_layers);
+- compile: the decoder layers run op by op (before) and compiled by torch.compile (after; howto.device.compile_layers);
 - threads: alone with OMP_WAIT_POLICY=PASSIVE (the loop's) and with OpenMP's default wait policy (spinning), then
   beside one busy process (a pure-Python loop on one core) with the default policy, with PASSIVE, and with PASSIVE
   and one thread fewer.
-Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" row) in one thing only.
+Rows differ from the CPU loop's own settings (howto.device.cpu_plan, the "loop" row) in one thing only.
 
 The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
 loop's own. Tokens per second count useful (non-padding) tokens over the optimizer steps after the warm-up. MFU is
@@ -51,7 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 import finetune
-from howto import flops, models, runtime
+from howto import device, flops, models, runtime
 from howto.preflight import Architecture
 from howto.runio import atomic_dir, library_versions, write_json
 
@@ -182,8 +182,8 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
                "four_bit": True}
         return [{**gpu, "group": "engines", "label": engine, "engine": engine,
                  "precision": models.choose_precision(engine)[0]} for engine in ENGINES]
-    plan = flops.cpu_plan()
-    loop = {"group": "loop", "label": "after: the CPU loop's settings (flops.cpu_plan)", "engine": plan["engine"],
+    plan = device.cpu_plan()
+    loop = {"group": "loop", "label": "after: the CPU loop's settings (device.cpu_plan)", "engine": plan["engine"],
             "precision": plan["precision"], "four_bit": plan["four_bit"], "checkpointing": False,
             "batching": "grouped", "attention": plan["attention"], "compile": plan["compile"],
             "threads": plan["threads"], "wait_policy": "PASSIVE", "busy": False}
@@ -195,7 +195,7 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
     cases = [loop, before]
     groups = options.groups.split(",")
     if "engines" in groups:
-        precisions = ["fp32", "bf16"] if flops.cpu_has_native_bf16() else ["fp32"]
+        precisions = ["fp32", "bf16"] if device.cpu_has_native_bf16() else ["fp32"]
         # finetune.py's hf engine loads full-precision weights on a CPU (its 4-bit is bitsandbytes' CUDA path), so
         # 4-bit on a CPU is Unsloth's row alone
         cases += [{**loop, "group": "engines", "label": f"{engine}, {precision}, {'4-bit' if four_bit else 'no 4-bit'}",

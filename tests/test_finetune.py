@@ -492,7 +492,7 @@ def test_trl_api_pin(learnable_data, tmp_path):
     assert isinstance(trainer, SFTTrainer) and trainer.processing_class is tokenizer
     assert trainer.args.max_length == 128 and trainer.args.completion_only_loss
     assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id  # Mistral's <pad> is no vocabulary entry
-    assert trainer.model.config._attn_implementation == "eager"  # flops.cpu_plan's attention, on a CPU
+    assert trainer.model.config._attn_implementation == "eager"  # device.cpu_plan's attention, on a CPU
 
 
 def test_cpu_plan_compiles_decoder_layers_to_the_same_loss_and_gradients(learnable_data, tmp_path):

@@ -41,9 +41,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table as RichTable
+from rich.table import Table
 
-from howto import forgetting, parity, report
+from howto import forgetting, parity, report, runtime
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
 from howto.generate import GGUFGenerator, HFGenerator, gguf_problem, is_gguf_file, model_folder_problem
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM, TOO_FEW, BertScore,
@@ -52,11 +52,11 @@ from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM,
 from howto.models import (default_model, free_memory, has_cuda, load_for_generation, load_tokenizer, read_run_info,
                           resolve_model)
 from howto.records import read_clean, read_records
+from howto.report import Rows
 from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, json_line,
-                         parse_args, positive_int, write_json, write_jsonl, write_run_info)
+                         parse_args, positive_int, run_script, write_json, write_jsonl, write_run_info)
 
 console = Console(stderr=True)
-Table = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
 # What evaluate.py writes at the top of OUT: no system may be named like one, since OUT/<name>/ holds its files
 # ("ratings" is the folder the page of --serve saves its ratings to, howto.serve.RATINGS_DIR).
 OUTPUTS = ("metrics.json", "report.md", "report.html", "plots", "config.yaml", "run_info.json", "judge.jsonl",
@@ -64,7 +64,8 @@ OUTPUTS = ("metrics.json", "report.md", "report.html", "plots", "config.yaml", "
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(build_parser(), argv, section="evaluate")
+    runtime.setup()
+    args = parse_args(build_parser(), argv, section="evaluate", siblings=sibling_parsers)
     out_dir = check_args(args)
     if args.serve:
         serve_page(args, out_dir)
@@ -86,6 +87,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_results(metrics, out_dir)
     check_regression(metrics, args)
     return metrics
+
+
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import finetune
+    import prepare_data
+
+    return [finetune.build_parser(), prepare_data.build_parser()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +247,7 @@ def load_test_set(file: Path, limit: int | None) -> list[dict[str, Any]]:
     return list(examples.values())[:limit]
 
 
-def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, Path, Table]:
+def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, Path, Rows]:
     """A NAME=FILE predictions file as a table like generate_system's. A missing reference or category is taken
     from --data when the prompt is there."""
     name, sep, file = spec.partition("=")
@@ -251,7 +260,7 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
     path = Path(file)
     if not path.is_file():
         raise RunError(f"--predictions {spec}: no such file {file}")
-    table: Table = {}
+    table: Rows = {}
     seen: dict[str, int] = {}
     for lineno, record in _jsonl_records(path):
         where = f"{path}:{lineno}"
@@ -285,9 +294,9 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
 
 
 def read_all_predictions(specs: list[str], examples: list[dict[str, Any]],
-                         limit: int | None) -> tuple[dict[str, Table], dict[str, Path]]:
+                         limit: int | None) -> tuple[dict[str, Rows], dict[str, Path]]:
     known = {prompt_key(ex["prompt"]): ex for ex in examples}
-    tables: dict[str, Table] = {}
+    tables: dict[str, Rows] = {}
     sources: dict[str, Path] = {}
     for spec in specs:
         name, path, table = read_predictions(spec, known)
@@ -361,7 +370,7 @@ def export_systems(args: argparse.Namespace, base: str) -> list[System]:
 
 
 def generate_all(args: argparse.Namespace, examples: list[dict[str, Any]], out_dir: Path) -> tuple[
-        list[System], list[System], dict[str, Table], dict[str, list[dict[str, Any]] | None]]:
+        list[System], list[System], dict[str, Rows], dict[str, list[dict[str, Any]] | None]]:
     """Base, fine-tuned and export systems, each one's answers, and the forgetting probe for base and fine-tuned
     (not for a GGUF file, which gives no teacher-forced loss here)."""
     systems = resolve_systems(args.base, args.finetuned)
@@ -439,7 +448,7 @@ def _append_journal(path: Path) -> Any:
 
 
 def generate_system(system: System, examples: list[dict[str, Any]], args: argparse.Namespace, out_dir: Path,
-                    probe: list[dict[str, Any]] | None) -> tuple[Table, list[dict[str, Any]] | None]:
+                    probe: list[dict[str, Any]] | None) -> tuple[Rows, list[dict[str, Any]] | None]:
     """Predictions of one system for every example, generating only what the cache does not hold yet, and the
     forgetting probe's rows when asked for (with the same loaded model).
 
@@ -511,7 +520,7 @@ def _progress() -> Progress:
 # Scoring and comparison
 # ---------------------------------------------------------------------------------------------------------------------
 
-def score_all(tables: dict[str, Table], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def score_all(tables: dict[str, Rows], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Every system's rows scored, with BERTScore and the step encoder loaded once; their settings."""
     try:
         bertscore = BertScore(args.bertscore_model, args.bertscore_layers, batch_size=args.bertscore_batch_size)
@@ -525,7 +534,7 @@ def score_all(tables: dict[str, Table], args: argparse.Namespace, out_dir: Path)
     return {"bertscore": bertscore.settings, "alignment": {**encoder.settings, "threshold": args.align_threshold}}
 
 
-def score_table(table: Table, bertscore: BertScore, encoder: StepEncoder, threshold: float) -> None:
+def score_table(table: Rows, bertscore: BertScore, encoder: StepEncoder, threshold: float) -> None:
     """Every metric of every row, added to the row."""
     rows = list(table.values())
     scores = score_examples([r["steps"] for r in rows], [r["response"] for r in rows], bertscore, encoder, threshold)
@@ -539,7 +548,7 @@ def score_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "category": row["category"], **{k: row[k] for k in (*METRICS, *fields)}}
 
 
-def summarise(table: Table) -> dict[str, Any]:
+def summarise(table: Rows) -> dict[str, Any]:
     """Means per metric (undefined order accuracies left out, with the count that is left), generation totals."""
     rows = list(table.values())
     means, defined = {}, {}
@@ -563,7 +572,7 @@ def _useful_share(rows: list[dict[str, Any]]) -> float | None:
     return round(sum(r["decode_steps"] for r in timed) / sum(r["batch_steps"] for r in timed), 3) if timed else None
 
 
-def breakdown(table: Table, key: str) -> dict[str, dict[str, Any]]:
+def breakdown(table: Rows, key: str) -> dict[str, dict[str, Any]]:
     """Means of the headline metrics per value of `key` (category, number of reference steps)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in table.values():
@@ -574,7 +583,7 @@ def breakdown(table: Table, key: str) -> dict[str, dict[str, Any]]:
             for g in order}
 
 
-def paired_keys(baseline: Table, other: Table, names: tuple[str, str]) -> list[str]:
+def paired_keys(baseline: Rows, other: Rows, names: tuple[str, str]) -> list[str]:
     """The prompts both systems answered (whitespace-normalised); none at all is an error."""
     common = [k for k in baseline if k in other]
     if not common:
@@ -586,13 +595,13 @@ def paired_keys(baseline: Table, other: Table, names: tuple[str, str]) -> list[s
     return common
 
 
-def compare(baseline: Table, other: Table, common: list[str], n_resamples: int, seed: int) -> dict[str, Any]:
+def compare(baseline: Rows, other: Rows, common: list[str], n_resamples: int, seed: int) -> dict[str, Any]:
     """Paired comparison (other minus baseline) of every metric over the prompts both systems answered."""
     return {m: paired_comparison([baseline[k][m] for k in common], [other[k][m] for k in common],
                                  n_resamples=n_resamples, seed=seed) for m in METRICS}
 
 
-def differing_examples(baseline: Table, other: Table, common: list[str], k: int) -> list[dict[str, Any]]:
+def differing_examples(baseline: Rows, other: Rows, common: list[str], k: int) -> list[dict[str, Any]]:
     """The prompts where the two systems' BERTScore F1 differ most, largest first."""
     pairs = [(abs(other[key]["bertscore_f1"] - baseline[key]["bertscore_f1"]), baseline[key]["prompt"])
              for key in common]
@@ -600,7 +609,7 @@ def differing_examples(baseline: Table, other: Table, common: list[str], k: int)
             sorted(pairs, key=lambda x: -x[0])[:k]]
 
 
-def summarise_run(tables: dict[str, Table], systems: list[System], exports: list[System], args: argparse.Namespace,
+def summarise_run(tables: dict[str, Rows], systems: list[System], exports: list[System], args: argparse.Namespace,
                   data_file: Path | None, sources: dict[str, Path], scorers: dict[str, Any]) -> dict[str, Any]:
     """metrics.json without the parity, forgetting and ratings sections: every system but the exports against the
     baseline."""
@@ -638,7 +647,7 @@ def summarise_run(tables: dict[str, Table], systems: list[System], exports: list
     }
 
 
-def verdict(baseline: str, name: str, tables: dict[str, Table], comparison: dict[str, Any]) -> str:
+def verdict(baseline: str, name: str, tables: dict[str, Rows], comparison: dict[str, Any]) -> str:
     """One line on whether `name` answers better than `baseline`: BERTScore F1's interval decides, but a system
     that loops on more answers than its baseline is never called better, whatever its scores, and over fewer than
     MIN_PAIRED paired prompts nothing is judged."""
@@ -656,14 +665,14 @@ def verdict(baseline: str, name: str, tables: dict[str, Table], comparison: dict
     return "no clear difference: BERTScore F1's interval includes zero"
 
 
-def looping_examples(table: Table, k: int) -> list[dict[str, Any]]:
+def looping_examples(table: Rows, k: int) -> list[dict[str, Any]]:
     """The worst looping answers (most repeated steps first), shown as generated."""
     rows = sorted((r for r in table.values() if r["looping"]), key=lambda r: (-r["repeated_steps"], -r["n_gen_steps"]))
     return [{"prompt": r["prompt"], "repeated_steps": round(r["repeated_steps"], 3), "n_gen_steps": r["n_gen_steps"],
              "n_ref_steps": r["n_ref_steps"], "output": r["output"]} for r in rows[:k]]
 
 
-def parity_section(tables: dict[str, Table], exports: list[System], args: argparse.Namespace) -> dict[str, Any] | None:
+def parity_section(tables: dict[str, Rows], exports: list[System], args: argparse.Namespace) -> dict[str, Any] | None:
     """Each export against the fine-tuned system it was made from."""
     if not exports:
         return None
@@ -692,7 +701,7 @@ def forgetting_section(probes: dict[str, list[dict[str, Any]] | None], args: arg
 # 1-5 ratings
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rating_examples(tables: dict[str, Table], systems: list[str]) -> list[dict[str, Any]]:
+def rating_examples(tables: dict[str, Rows], systems: list[str]) -> list[dict[str, Any]]:
     """Prompts every named system answered, with each system's parsed steps, in the baseline's order."""
     first = tables[systems[0]]
     return [{"prompt": row["prompt"], "reference": row["response"], "category": row["category"],
@@ -700,7 +709,7 @@ def rating_examples(tables: dict[str, Table], systems: list[str]) -> list[dict[s
             for key, row in first.items() if all(key in tables[name] for name in systems)]
 
 
-def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir: Path) -> dict[str, Any]:
+def collect_ratings(args: argparse.Namespace, tables: dict[str, Rows], out_dir: Path) -> dict[str, Any]:
     """Run whichever rating paths the flags ask for; the results go into metrics.json and the report."""
     if not (args.judge_url or args.judge_model or args.rating_sheet or args.ratings):
         return {}
@@ -817,7 +826,7 @@ def rating_desk(args: argparse.Namespace, out_dir: Path) -> tuple[Any, str]:
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def write_outputs(metrics: dict[str, Any], tables: dict[str, Table], args: argparse.Namespace, sources: list[Path],
+def write_outputs(metrics: dict[str, Any], tables: dict[str, Rows], args: argparse.Namespace, sources: list[Path],
                   out_dir: Path) -> None:
     plots = report.make_plots(tables, metrics)
     for name, data in plots.items():
@@ -832,7 +841,7 @@ def write_outputs(metrics: dict[str, Any], tables: dict[str, Table], args: argpa
 def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
     """The report's results, parity and forgetting tables on the console."""
     def show(title: str, header: list[str], rows: list[list[str]]) -> None:
-        table = RichTable(title=title)
+        table = Table(title=title)
         for i, column in enumerate(header):
             table.add_column(escape(column), justify="left" if i == 0 else "right")
         for row in rows:
@@ -876,4 +885,4 @@ def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

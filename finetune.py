@@ -22,10 +22,10 @@ records (howto.chat.encode_example) with the loss on the answer only. `unsloth` 
 4-bit with Unsloth's kernels. `hf`: transformers + peft, the QLoRA paper's recipe (NF4 4-bit, paged 8-bit AdamW) on
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
 (configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention and each decoder
-layer compiled by torch.compile (howto.flops.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
+layer compiled by torch.compile (howto.device.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
 positions alone, as TRL's fused head computes them on a GPU, under the run's mixed precision, with torch's fused
 AdamW. Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
-(howto.flops.checkpointing_needed).
+(howto.device.checkpointing_needed).
 """
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from howto import chat, flops, models, preflight, replay, trainlog
+from howto import chat, device, flops, models, preflight, replay, runtime, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
     RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, load_yaml, markdown_table, parse_args,
-    write_json, write_jsonl, write_run_info,
+    run_script, write_json, write_jsonl, write_run_info,
 )
 
 REQUIRED_SPLITS = ("train", "val")
@@ -89,6 +89,7 @@ console = Console(quiet=not is_main_process())
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.setup()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     out_dir = Path(args.out)
@@ -102,12 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         import_engine(args.engine)
         models.hide_loading_bars()
     base_path = models.resolve_model(args.model)
-    check = Console(record=True, quiet=console.quiet)  # what the preflight prints also goes to OUT/preflight.txt
-    preflight.check_memory(base_path, args, check)  # before anything is downloaded
+    preflight_console = Console(record=True, quiet=console.quiet)  # what it prints also goes to OUT/preflight.txt
+    preflight.check_memory(base_path, args, preflight_console)  # before anything is downloaded
     if "gguf" in args.export:
-        preflight.check_gguf_tools(args.llama_cpp, check)
+        preflight.check_gguf_tools(args.llama_cpp, preflight_console)
     tokenizer = models.load_tokenizer(base_path, offline=args.dry_run)
-    data = tokenize_splits(args, tokenizer, records, out_dir, check)
+    data = tokenize_splits(args, tokenizer, records, out_dir, preflight_console)
     if args.dry_run:
         return
     if args.mix_general:
@@ -123,6 +124,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- Settings
+
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import evaluate
+    import prepare_data
+
+    return [evaluate.build_parser(), prepare_data.build_parser()]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Defaults: the recipe that fits Mistral-7B QLoRA on a 16 GB T4 (configs/t4.yaml gives the reasons)."""
@@ -179,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QLoRA: base weights in 4-bit NF4 (the hf engine on a CPU trains in full precision)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each decoder layer (fuses norms, RoPE and activations between the matmuls); "
-                        "default: on for the hf engine on a CPU with a C++ compiler (howto.flops.cpu_plan), off on "
+                        "default: on for the hf engine on a CPU with a C++ compiler (howto.device.cpu_plan), off on "
                         "a GPU, where Unsloth brings its own kernels")
     p.add_argument("--sweep", action="store_true",
                    help="hyperparameter search: one real run per trial in OUT/sweep/trial-K, ranked by validation "
@@ -288,7 +297,7 @@ def typo_hint(lr: float) -> str:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_args(parser, argv, section="finetune")
+    args = parse_args(parser, argv, section="finetune", siblings=sibling_parsers)
     check_args(parser, args)
     check_out_dir(args.out)  # a file, or a folder without write access, fails now rather than after training
     return args
@@ -365,7 +374,7 @@ def show_setting(value: Any) -> str:
 
 
 def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, Any], out_dir: Path,
-                    check: Console) -> dict[str, Any]:
+                    preflight_console: Console) -> dict[str, Any]:
     """Both splits as datasets of input_ids + completion_mask (howto.chat.encode_example, the one tokenization),
     once the preflight's token view and checks pass; what the preflight printed goes to OUT/preflight.txt."""
     from datasets import Dataset, disable_progress_bars
@@ -375,9 +384,9 @@ def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str,
                for split in REQUIRED_SPLITS}
     listing = preflight.show_examples(tokenizer, [r for s in REQUIRED_SPLITS for r in records[s]],
                                       [e for s in REQUIRED_SPLITS for e in encoded[s]], args.max_seq_length,
-                                      sft_collator(tokenizer), check)
+                                      sft_collator(tokenizer), preflight_console)
     if is_main_process():
-        console.print(f"preflight passed: {preflight.save(check, listing, out_dir)}")
+        console.print(f"preflight passed: {preflight.save(preflight_console, listing, out_dir)}")
     disable_progress_bars()
     return {"files": records["files"], **{split: Dataset.from_list(encoded[split]) for split in REQUIRED_SPLITS}}
 
@@ -452,7 +461,7 @@ def load_unsloth(args: argparse.Namespace, path: str, precision: str, checkpoint
 
 def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: bool) -> Any:
     """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper); on a CPU full precision with the
-    attention howto.flops.cpu_plan chose."""
+    attention howto.device.cpu_plan chose."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -464,7 +473,7 @@ def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: 
         console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if not cuda:
-        kwargs["attn_implementation"] = flops.CPU_ATTENTION
+        kwargs["attn_implementation"] = device.CPU_ATTENTION
     if four_bit:
         kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
     if cuda and not sharded_launch():
@@ -485,14 +494,14 @@ def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
     import transformers
 
     transformers.set_seed(args.seed)
-    checkpointing, why = flops.checkpointing_needed(path, args, precision)
+    checkpointing, why = device.checkpointing_needed(path, args, precision)
     console.print(f"gradient checkpointing {why}")
     model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision, checkpointing)
     # Decided once: the resolved choice goes into the run's config and the trainer reads it from there
     args.compile, why = compile_wanted(args)
     console.print(f"torch.compile {why}")
     if args.compile:
-        compile_layers(model)
+        device.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}: {trainable:,} trainable parameters")
     return model
@@ -506,21 +515,8 @@ def compile_wanted(args: argparse.Namespace) -> tuple[bool, str]:
         return args.compile, "on (--compile)" if args.compile else "off (--no-compile)"
     if torch.cuda.is_available() or args.engine != "hf":
         return False, "off (GPU or Unsloth engine: their own kernels)"
-    plan = flops.cpu_plan()
+    plan = device.cpu_plan()
     return plan["compile"], plan["compile_reason"]
-
-
-def compile_layers(model: Any) -> None:
-    """torch.compile every decoder layer, each compiled once with dynamic shapes (a batch's length varies) and the
-    same code reused by all layers: Inductor fuses the small ops between the matmuls that eager mode runs one by one
-    in bf16/fp32 round trips. Compiling the whole model would unroll all its layers into one graph, which takes
-    several times longer to compile. Inductor caches what it built (howto.models.compile_cache: beside the toolkit's
-    models), so later runs start in seconds."""
-    base = model.get_base_model()
-    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
-    for module in base.modules():
-        if type(module).__name__ in layer_classes:
-            module.compile(dynamic=True)
 
 
 def set_pad_token(tokenizer: Any) -> None:
@@ -600,7 +596,7 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     if args.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
     trainer_class = (SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else
-                     cpu_sft_trainer(bool(args.compile)))
+                     device.cpu_sft_trainer(bool(args.compile)))
     trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=val,
                             processing_class=tokenizer, callbacks=callbacks)
     # transformers' own bar, or its log-dict printer where its logger is quieter than warnings (howto.models)
@@ -624,50 +620,6 @@ def divergence_guard() -> Any:
                 control.should_save = False
 
     return DivergenceGuard()
-
-
-def cpu_sft_trainer(compiled: bool) -> type:
-    """SFTTrainer whose loss is computed, as TRL's fused LM head computes it, on the answer positions alone.
-
-    TRL 1.x projects through the LM head only the positions whose next token has a label, in a fused kernel that is
-    Triton's, which has no CPU backend; Unsloth's CPU fallback routes it to a CPU kernel, the plain hf engine on a
-    CPU needs this instead. The prompt's positions (about half of the loop's) then cost no LM head and no
-    log-softmax over the vocabulary; with `compiled` the cross-entropy is compiled too, so its float32 logits are
-    never written out whole.
-    """
-    import torch
-    import torch.nn.functional as F
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    def summed_cross_entropy(hidden: Any, weight: Any, targets: Any) -> Any:
-        return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
-
-    head_loss = torch.compile(summed_cross_entropy, dynamic=True) if compiled else summed_cross_entropy
-
-    class CPUSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            # The logits asked for, or a model wrapped for several processes (DDP), whose own forward prepares the
-            # gradients' all-reduce: the model's own forward over every position
-            if return_outputs or model is not self.accelerator.unwrap_model(model):
-                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            causal_lm = model.get_base_model()
-            targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
-            answer = targets != -100
-            # accelerate's mixed precision wraps the model's own forward, which this bypasses: without it the fp32
-            # LoRA weights would pull their matmuls to fp32
-            with self.accelerator.autocast():
-                hidden = causal_lm.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-                loss = head_loss(hidden[:, :-1][answer], causal_lm.get_output_embeddings().weight, targets[answer])
-            loss = loss / (answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
-            return loss
-
-    return CPUSFTTrainer
-
 
 
 # ------------------------------------------------------------------------------------------------ One training run
@@ -733,7 +685,7 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         raise RunError(f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to continue "
                        "it, or choose another --out")
 
-    precision, why = choose_precision(args.engine) if torch.cuda.is_available() else flops.cpu_precision()
+    precision, why = choose_precision(args.engine) if torch.cuda.is_available() else device.cpu_precision()
     console.print(f"precision: [bold]{precision}[/] ({why})")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -857,6 +809,15 @@ def trial_args(args: argparse.Namespace, choice: dict[str, Any], resume: bool = 
     return argparse.Namespace(**{**vars(args), **choice, "sweep": False, "export": [], "resume": resume})
 
 
+class SweepStopped(BaseException):
+    """A trial's RunError on its way past Optuna, which would catch an Exception, log it with its traceback and mark
+    the trial failed: like Ctrl-C, it leaves the trial RUNNING in the study, so that --resume continues it."""
+
+    def __init__(self, error: RunError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
               argv: list[str]) -> list[dict[str, Any]]:
     """Each trial a real run with early stopping in OUT/sweep/trial-K, chosen by Optuna: every point of the grid
@@ -909,10 +870,15 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
             console.print(f"trial {folder}: {e}", style="yellow", markup=False, highlight=False)
             trial.set_user_attr("diverged", f"diverged at lr {choice['lr']:g}")
             raise optuna.TrialPruned(str(e)) from None
+        except RunError as e:
+            raise SweepStopped(e) from None
         trial.set_user_attr("result", {**choice, "trial": folder, **info})
         return info["best_val_loss"]
 
-    study.optimize(objective, n_trials=max(0, size - len(finished)))
+    try:
+        study.optimize(objective, n_trials=max(0, size - len(finished)))
+    except SweepStopped as stopped:
+        raise stopped.error from None
     ranked = sorted((t.user_attrs["result"] for t in study.trials if t.state == TrialState.COMPLETE),
                     key=lambda r: r["best_val_loss"])
     if not ranked:
@@ -973,4 +939,4 @@ def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -48,9 +48,10 @@ from howto.llm import ChatClient, LLMError
 from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
 from howto.prepare_report import MAX_LISTED, plot_distributions, print_summary, render_report
 from howto.records import SUFFIXES, Raw, RecordError, read_records, to_record
+from howto import runtime
 from howto.review import write_review
 from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, library_versions, parse_args,
-                         positive_int, write_json, write_jsonl, write_run_info)
+                         positive_int, run_script, write_json, write_jsonl, write_run_info)
 
 SPLITS = ("train", "val", "test")
 OUTPUTS = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "report.md", "distributions.png", "config.yaml",
@@ -61,6 +62,7 @@ console = Console(stderr=True)  # progress bars and messages; the summary table 
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()
     args = parse(argv)
     clock = Stopwatch()
     try:
@@ -100,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- settings
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import evaluate
+    import finetune
+
+    return [evaluate.build_parser(), finetune.build_parser()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Validate, redact, normalise, deduplicate, report on, tokenize and split how-to records.")
@@ -173,7 +183,7 @@ def split_ratios(text: str) -> tuple[float, float, float]:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Flags and --config, through the same checks."""
     parser = build_parser()
-    args = parse_args(parser, argv, section="prepare_data")
+    args = parse_args(parser, argv, section="prepare_data", siblings=sibling_parsers)
     if not args.inputs:
         parser.error("give at least one INPUT file or folder")
     if not 0 < args.near_dup_threshold <= 1:
@@ -642,4 +652,4 @@ def output_record(record: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

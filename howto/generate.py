@@ -108,7 +108,7 @@ def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
     import llama_cpp
     from llama_cpp import llama as llama_module
 
-    from howto.flops import cpu_flags
+    from howto.device import cpu_flags
 
     defaults = llama_module.llama_cpp.llama_model_default_params
     if not gpu and "amx_int8" in cpu_flags():

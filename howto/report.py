@@ -22,7 +22,7 @@ METRIC_LABELS = {
 }
 RESULTS_HEADER = ("Metric", "{baseline}", "{name}", "Δ ({name} − {baseline})", "95% CI", "p (Wilcoxon)", "n paired")
 Block = tuple[Any, ...]
-Table = dict[str, dict[str, Any]]
+Rows = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -94,7 +94,7 @@ FORGETTING_HEADER = ["Measure", "n", "base", "finetuned", "Δ (finetuned − bas
 
 # ------------------------------------------------------------------------------------------------------------- plots
 
-def make_plots(tables: dict[str, Table], metrics: dict[str, Any]) -> dict[str, bytes]:
+def make_plots(tables: dict[str, Rows], metrics: dict[str, Any]) -> dict[str, bytes]:
     """PNG plots: per-example score distributions, scores by category, order accuracy by number of steps."""
     plt = pyplot()
 
@@ -165,7 +165,7 @@ PLOT_TITLES = {"distributions": "Per-example score distributions", "by_category"
                "order_by_steps": "Order accuracy by number of reference steps"}
 
 
-def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[str, bytes]) -> list[Block]:
+def build_report(metrics: dict[str, Any], tables: dict[str, Rows], plots: dict[str, bytes]) -> list[Block]:
     """The report as blocks, rendered to Markdown and HTML alike."""
     settings, names, baseline = metrics["settings"], list(tables), metrics["baseline"]
     blocks: list[Block] = [("h1", "Evaluation: " + " vs ".join(names))]
@@ -242,7 +242,7 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
     return blocks
 
 
-def looping_blocks(metrics: dict[str, Any], tables: dict[str, Table]) -> list[Block]:
+def looping_blocks(metrics: dict[str, Any], tables: dict[str, Rows]) -> list[Block]:
     """The section "Looping answers": how many per system, steps per answer against the reference's, and the worst
     answers as generated, since a loop is what a reader sees first."""
     rows = [[name, f"{sum(r['looping'] for r in table.values())} of {len(table)}",

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 import yaml
 
@@ -26,19 +26,25 @@ TRACKED_PACKAGES = (
 )
 
 
-class RunError(SystemExit):
-    """A run that cannot go on (bad input, a setting that cannot work): `error: MESSAGE` on stderr, exit code 1.
-
-    A SystemExit, so a script needs no handler of its own and no traceback is printed; str() is the message
-    without the prefix. Usage errors stay argparse's (exit code 2).
-    """
+class RunError(Exception):
+    """A run that cannot go on (bad input, a setting that cannot work). An ordinary exception, so that a notebook's
+    `except Exception` catches it; at a script's edge run_script turns it into `error: MESSAGE` on stderr and exit
+    code 1, never a traceback. str() is the message. Usage errors stay argparse's (exit code 2)."""
 
     def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+        super().__init__(message)
         self.message = message
 
-    def __str__(self) -> str:
-        return self.message
+
+def run_script(main: Callable[[list[str]], Any]) -> NoReturn:
+    """A script's edge: main() on the command line's arguments, exit code 0 or the int it returns; a RunError becomes
+    one line, `error: MESSAGE`, and exit code 1."""
+    try:
+        result = main(sys.argv[1:])
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
@@ -258,22 +264,28 @@ def write_run_info(out_dir: str | Path, config: dict[str, Any], data_files: Iter
     })
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-               section: str | None = None) -> argparse.Namespace:
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--config FILE` flag every script has; parse_args adds it, and so does the flag reference."""
+    parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, section: str | None = None,
+               siblings: Callable[[], Iterable[argparse.ArgumentParser]] | None = None) -> argparse.Namespace:
     """Parse flags with an optional `--config run.yaml` whose keys set the defaults; flags given win.
 
     Keys are flag names with dashes or underscores (`learning_rate` or `learning-rate`). One file can serve a whole
     run: top-level keys (`model`, `seed`...) apply to every script that has such a flag, and a mapping named after a
     script (`prepare_data:`, `finetune:`, `evaluate:`) applies to that script alone and wins. A config value goes
     through the same conversion and checks as the flag on the command line (types, choices, `"no"` for a switch),
-    and a key that names no flag of any script is an error, so a typo never goes unnoticed.
+    and a key that names no flag of any script is an error, so a typo never goes unnoticed. `siblings` gives the
+    other scripts' parsers (the script passes them: this module never imports the scripts).
     """
-    parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
+    add_config_argument(parser)
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
     pre, _ = config_only.parse_known_args(argv)
     if pre.config:
-        defaults = config_defaults(parser, Path(pre.config), section)
+        defaults = config_defaults(parser, Path(pre.config), section, siblings)
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a required flag is satisfied by the config
             if action.dest in defaults:
@@ -312,7 +324,8 @@ def yaml_error(path: Path, e: yaml.YAMLError) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}: {e.problem}"
 
 
-def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | None) -> dict[str, Any]:
+def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | None,
+                    siblings: Callable[[], Iterable[argparse.ArgumentParser]] | None = None) -> dict[str, Any]:
     """The settings of a YAML config that apply to this parser's script, converted and checked as flags are."""
     try:
         loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
@@ -332,7 +345,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | 
         dest = str(key).replace("-", "_")
         if dest in actions:
             settings[dest] = value
-        elif dest != "config" and dest not in other_scripts_settings(section):
+        elif dest != "config" and dest not in sibling_settings(siblings):
             parser.error(f"--config {path}: unknown setting {key!r} (no script has such a flag)")
     for key, value in (loaded.get(section) or {}).items() if section else ():
         dest = str(key).replace("-", "_")
@@ -345,15 +358,9 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | 
         parser.error(f"--config {path}: {e}")
 
 
-def other_scripts_settings(section: str | None) -> set[str]:
-    """Settings of the scripts other than `section`: a top-level key any of them has is meant for that one."""
-    import importlib
-
-    names: set[str] = set()
-    for script in SCRIPTS:
-        if script != section:
-            names |= {a.dest for a in importlib.import_module(script).build_parser()._actions}
-    return names
+def sibling_settings(siblings: Callable[[], Iterable[argparse.ArgumentParser]] | None) -> set[str]:
+    """The other scripts' settings: a top-level key any of them has is meant for that one."""
+    return {a.dest for parser in (siblings() if siblings else ()) for a in parser._actions}
 
 
 def convert(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:

@@ -311,7 +311,7 @@ def test_sample_raw_sources_give_records(tmp_path):
 
 
 def test_prepare_data_extracts_with_the_llm_through_its_flags(tmp_path, monkeypatch):
-    import prepare_data as pd
+    import prepare_data
 
     pages = tmp_path / "pages"
     pages.mkdir()
@@ -324,11 +324,12 @@ def test_prepare_data_extracts_with_the_llm_through_its_flags(tmp_path, monkeypa
     with chat_server(lambda body: answer if "Language" in body["messages"][1]["content"] else '{"records": []}'
                      ) as (url, received):
         out = tmp_path / "out"
-        assert pd.main([str(pages), "--out", str(out), "--keep-case", "--keep-punctuation", "--extract-llm",
+        assert prepare_data.main([str(pages), "--out", str(out), "--keep-case", "--keep-punctuation", "--extract-llm",
                         "--augment-url", url, "--augment-model", "m", "--augment-key-env", "EXTRACT_KEY",
                         "--extract-llm-max-requests", "10"]) == 0
     assert 2 <= len(received) < 10 and received[0]["authorization"] == "Bearer sk-test-not-logged"
-    records = [json.loads(line) for name in pd.SPLITS for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for name in prepare_data.SPLITS
+               for line in (out / f"{name}.jsonl").read_text().splitlines()]
     llm = [r for r in records if r["extraction"] == "llm"]
     assert [r["source"] for r in llm] == [f"{pages / 'prose.md'}#change-the-language"]
     assert len(records) == 4 and {r["extraction"] for r in records} == {"llm", "rules"}
@@ -513,7 +514,7 @@ def test_collected_records_carry_a_category(tmp_path):
 
 
 def test_passage_is_bounded_and_redacted_in_review(tmp_path):
-    import prepare_data as pd
+    import prepare_data
 
     prose = "".join(f"<p>Paragraph {k} about orders, written by jane.doe@example.com for the help centre.</p>"
                     for k in range(60))
@@ -524,7 +525,7 @@ def test_passage_is_bounded_and_redacted_in_review(tmp_path):
     text = records[0]["passage"]
     assert len(text) <= 2000 and text.startswith("Cancel an order\n\n…")
     assert text.endswith("To cancel an order:\n\n1. Open Orders.\n2. Tap Cancel.")
-    assert pd.main([str(tmp_path / "orders.html"), "--out", str(tmp_path / "out"), "--review",
+    assert prepare_data.main([str(tmp_path / "orders.html"), "--out", str(tmp_path / "out"), "--review",
                     str(tmp_path / "review")]) == 0
     tasks = json.loads((tmp_path / "review" / "tasks.json").read_text())
     assert "jane.doe@example.com" not in tasks[0]["data"]["passage"] and "[EMAIL]" in tasks[0]["data"]["passage"]

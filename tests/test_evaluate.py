@@ -14,6 +14,7 @@ from chat_server import chat_server
 from howto.generate import generate_batch
 from howto.metrics import METRICS
 from howto.report import METRIC_LABELS, fmt, fmt_p
+from howto.runio import RunError
 
 RECORDS = [
     {"prompt": "How do I reset my password in the ShopNow app?", "category": "shopping",
@@ -137,14 +138,14 @@ def test_report_shows_every_number_and_is_self_contained(scored):
 def test_bad_predictions_name_the_file_line_and_field(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"},
                                                {"prompt": "b", "reference": ["x"], "output": 3}])
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'output'"):
+    with pytest.raises(RunError, match=r"bad\.jsonl:2: field 'output'"):
         evaluate.main(["--predictions", f"x={bad}", "--out", str(tmp_path / "out")])
     no_ref = write_jsonl(tmp_path / "noref.jsonl", [{"prompt": "a", "output": "1. x\n2. y"}])
-    with pytest.raises(SystemExit, match=r"noref\.jsonl:1: field 'reference'"):
+    with pytest.raises(RunError, match=r"noref\.jsonl:1: field 'reference'"):
         evaluate.main(["--predictions", f"x={no_ref}", "--out", str(tmp_path / "out")])
     test = tmp_path / "test.jsonl"
     test.write_text('{"prompt": "a", "response": ["x", "y"]}\n{"prompt": "b", "response": "x"}\n')
-    with pytest.raises(SystemExit, match=r"test\.jsonl:2: field 'response'"):
+    with pytest.raises(RunError, match=r"test\.jsonl:2: field 'response'"):
         evaluate.load_test_set(test, None)
 
 
@@ -153,7 +154,7 @@ def test_system_named_like_an_output_is_refused_before_scoring(name, tmp_path, m
     """Issue 19: `--predictions report.html=FILE` scored everything, then failed writing report.html over its folder."""
     monkeypatch.setattr(evaluate, "score_all", must_not_run)
     rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"}])
-    with pytest.raises(SystemExit, match=rf"--predictions {re.escape(name)}=.*: '{re.escape(name)}' cannot be used "
+    with pytest.raises(RunError, match=rf"--predictions {re.escape(name)}=.*: '{re.escape(name)}' cannot be used "
                                          "as a system name"):
         evaluate.main(["--predictions", f"base={rows}", f"{name}={rows}", "--out", str(tmp_path / "out")])
 
@@ -169,20 +170,20 @@ def test_bad_counts_in_predictions_are_refused_with_file_line_and_field(field, t
     good = '{"prompt": "a", "reference": ["x", "y"], "output": "1. x\\n2. y", "n_tokens": 4, "seconds": 0.5}\n'
     bad = f'{{"prompt": "b", "reference": ["x", "y"], "output": "1. x\\n2. y", "{field}": {text}}}\n'
     (tmp_path / "p.jsonl").write_text(good + bad)
-    with pytest.raises(SystemExit, match=rf"p\.jsonl:2: field '{field}' must be a (whole )?number >= 0 or null, "
+    with pytest.raises(RunError, match=rf"p\.jsonl:2: field '{field}' must be a (whole )?number >= 0 or null, "
                                          rf"got {re.escape(shown)}$"):
         evaluate.main(["--predictions", f"x={tmp_path / 'p.jsonl'}", "--out", str(tmp_path / "out")])
 
 
 def test_fail_on_regression_without_exports_to_judge_is_refused(tmp_path):
     rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"}])
-    with pytest.raises(SystemExit, match="--fail-on-regression fails on an export worse than its adapter; "
+    with pytest.raises(RunError, match="--fail-on-regression fails on an export worse than its adapter; "
                                          "--predictions scores files and has no exports"):
         evaluate.main(["--predictions", f"x={rows}", "--out", str(tmp_path / "out"), "--fail-on-regression"])
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="--no-parity scores no export"):
+    with pytest.raises(RunError, match="--no-parity scores no export"):
         evaluate.main(["--data", str(write_jsonl(tmp_path / "t.jsonl", RECORDS[:2])), "--finetuned", str(run),
                        "--base", "tiny", "--out", str(tmp_path / "out"), "--no-parity", "--fail-on-regression"])
 
@@ -201,7 +202,7 @@ def test_corrupt_exports_are_refused_before_any_generation(tmp_path, monkeypatch
     cut = tmp_path / "model-q8_0.gguf"
     for data in (whole[: len(whole) - 100], whole[:300], b"GGUF" + b"\xff" * 40):
         cut.write_bytes(data)
-        with pytest.raises(SystemExit, match=rf"--exports {re.escape(str(cut))}: not a complete GGUF file, cut "
+        with pytest.raises(RunError, match=rf"--exports {re.escape(str(cut))}: not a complete GGUF file, cut "
                                              "short or corrupt"):
             evaluate.main([*argv, str(cut)])
     merged = tmp_path / "merged"
@@ -212,10 +213,10 @@ def test_corrupt_exports_are_refused_before_any_generation(tmp_path, monkeypatch
     save_file({"w": np.ones((32, 32), dtype=np.float32)}, str(merged / "model.safetensors"))
     weights = (merged / "model.safetensors").read_bytes()
     (merged / "model.safetensors").write_bytes(weights[:-64])
-    with pytest.raises(SystemExit, match=rf"--exports {re.escape(str(merged))}: model.safetensors: .*incomplete"):
+    with pytest.raises(RunError, match=rf"--exports {re.escape(str(merged))}: model.safetensors: .*incomplete"):
         evaluate.main([*argv, str(merged)])
     (merged / "config.json").write_text("[1, 2]")
-    with pytest.raises(SystemExit, match=rf"--exports {re.escape(str(merged))}: config.json is not a JSON object"):
+    with pytest.raises(RunError, match=rf"--exports {re.escape(str(merged))}: config.json is not a JSON object"):
         evaluate.main([*argv, str(merged)])
 
 
@@ -273,7 +274,7 @@ def test_systems_pair_on_normalised_prompts_and_say_how_many(tmp_path):
     assert metrics["comparisons"]["b"]["step_coverage"]["delta"] < 0  # the paired prompts really were compared
     assert "b: 2 of 4 paired" in (out / "report.md").read_text()
     c = [{"prompt": "How do I bake bread?", "response": ["Mix.", "Bake."], "output": "1. Mix\n2. Bake"}]
-    with pytest.raises(SystemExit, match="no prompt in common"):
+    with pytest.raises(RunError, match="no prompt in common"):
         evaluate.main([*argv[:3], f"c={write_jsonl(tmp_path / 'c.jsonl', c)}", *argv[3:]])
 
 
@@ -290,27 +291,27 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys)
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0" * 16)
     for path in (fake, weights):
-        with pytest.raises(SystemExit, match=r"--finetuned .*: not a GGUF file"):
+        with pytest.raises(RunError, match=r"--finetuned .*: not a GGUF file"):
             evaluate.main([*argv, "--finetuned", str(path), "--out", str(tmp_path / "out")])
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"--bootstrap 10: a 95% interval needs at least 100"):
+    with pytest.raises(RunError, match=r"--bootstrap 10: a 95% interval needs at least 100"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--bootstrap", "10"])
     for flag in ("--bootstrap", "--limit", "--max-new-tokens", "--batch-size"):
         with pytest.raises(SystemExit) as usage:
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), flag, "0"])
         assert usage.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--out .*: is a file, not a folder"):
+    with pytest.raises(RunError, match=r"--out .*: is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data)])
-    with pytest.raises(SystemExit, match=r"--out .*: .* is a file, not a folder"):
+    with pytest.raises(RunError, match=r"--out .*: .* is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data / "out")])
-    with pytest.raises(SystemExit, match=r"--exports .*: not a GGUF file"):
+    with pytest.raises(RunError, match=r"--exports .*: not a GGUF file"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--exports", str(fake)])
     if os.geteuid() != 0:  # root writes into read-only folders
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        with pytest.raises(SystemExit, match=r"--out .*: cannot write in"):
+        with pytest.raises(RunError, match=r"--out .*: cannot write in"):
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(locked)])
 
 
@@ -331,7 +332,7 @@ def test_finetuned_resolves_to_the_base_it_was_trained_on(tmp_path):
     merged.mkdir()
     (merged / "config.json").write_text("{}")
     assert evaluate.resolve_systems("tiny", str(merged))[1] == evaluate.System("finetuned", model=str(merged))
-    with pytest.raises(SystemExit, match="adapter_config.json"):
+    with pytest.raises(RunError, match="adapter_config.json"):
         evaluate.resolve_systems("tiny", str(tmp_path))
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import evaluate
 from howto import parity
+from howto.runio import RunError
 
 
 def test_run_folder_exports_are_its_gguf_files_else_its_merged_model(tmp_path):
@@ -57,7 +58,7 @@ def test_identical_share_and_differences_pair_by_prompt():
 def test_fail_on_regression_makes_a_worse_export_an_error(tmp_path):
     metrics = {"parity": {"exports": {"gguf-q4_k_m": {"verdict": "worse"}, "gguf-q8_0": {"verdict": "same"}}}}
     args = argparse.Namespace(fail_on_regression=True, parity_tolerance=0.02, out=str(tmp_path))
-    with pytest.raises(SystemExit, match="gguf-q4_k_m scored worse than the adapter"):
+    with pytest.raises(RunError, match="gguf-q4_k_m scored worse than the adapter"):
         evaluate.check_regression(metrics, args)
     evaluate.check_regression(metrics, argparse.Namespace(**{**vars(args), "fail_on_regression": False}))
     metrics["parity"]["exports"]["gguf-q4_k_m"]["verdict"] = "better"
@@ -67,7 +68,7 @@ def test_fail_on_regression_makes_a_worse_export_an_error(tmp_path):
 def test_fail_on_regression_does_not_pass_an_export_judged_on_too_few_prompts(tmp_path):
     metrics = {"parity": {"exports": {"gguf-q8_0": {"verdict": "too few paired prompts"}}}}
     args = argparse.Namespace(fail_on_regression=True, parity_tolerance=0.02, out=str(tmp_path))
-    with pytest.raises(SystemExit, match="gguf-q8_0: too few paired prompts \\(fewer than 6\\) to tell whether it is "
+    with pytest.raises(RunError, match="gguf-q8_0: too few paired prompts \\(fewer than 6\\) to tell whether it is "
                                          "worse than the adapter"):
         evaluate.check_regression(metrics, args)
     evaluate.check_regression(metrics, argparse.Namespace(**{**vars(args), "fail_on_regression": False}))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-import prepare_data as pd
+import prepare_data
 from howto.runio import RunError
 from test_prepare_data import OUTPUTS, all_records, distinct_records, prepare, read_split, write_jsonl
 
@@ -22,7 +22,7 @@ def test_small_data_gives_val_and_test_a_record_and_says_so(tmp_path, capsys, n)
     records = [r for category in ("a", "b", "c", "d", "e") for r in distinct_records(category, max(1, n // 5))][:n]
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out) == 0
-    sizes = [len(read_split(out, name)) for name in pd.SPLITS]
+    sizes = [len(read_split(out, name)) for name in prepare_data.SPLITS]
     assert sum(sizes) == n and min(sizes) >= 1
     if n == 3:
         assert "warning: the split train 1 / val 1 / test 1 is off the fractions asked" in capsys.readouterr().err
@@ -41,7 +41,7 @@ def test_many_small_categories_keep_the_fractions(tmp_path):
     records = [r for k in range(30) for r in distinct_records(f"c{k}", 3)]  # 3 records a category: 2.4/0.3/0.3
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out) == 0
-    assert [len(read_split(out, name)) for name in pd.SPLITS] == [72, 9, 9]
+    assert [len(read_split(out, name)) for name in prepare_data.SPLITS] == [72, 9, 9]
 
 
 # ------------------------------------------------------------------------------- 2. --config, checked as flags
@@ -66,7 +66,7 @@ def test_config_values_go_through_the_flags_checks(tmp_path, capsys, setting, me
 def test_config_switch_written_as_no_is_off(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text('skip_invalid: "no"\nprepare_data:\n  keep_case: "yes"\n  split: [0.6, 0.2, 0.2]\n')
-    args = pd.parse(["d.jsonl", "--out", "o", "--config", str(config)])
+    args = prepare_data.parse(["d.jsonl", "--out", "o", "--config", str(config)])
     assert (args.skip_invalid, args.keep_case, args.split) == (False, True, (0.6, 0.2, 0.2))
 
 
@@ -142,7 +142,7 @@ def test_a_failed_rerun_leaves_the_previous_outputs_whole(tmp_path, monkeypatch,
     def broken_plot(*args):
         raise RunError("plotting failed")
 
-    monkeypatch.setattr(pd, "plot_distributions", broken_plot)
+    monkeypatch.setattr(prepare_data, "plot_distributions", broken_plot)
     assert prepare(path, "--out", out, "--seed", "2") == 1  # fails after the splits were written
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # no half-built folder left

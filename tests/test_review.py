@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-import prepare_data as pd
+import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_STUDIO = "label-studio==1.23.2"
@@ -39,14 +39,14 @@ def raw_folder(tmp_path: Path) -> Path:
 
 
 def outputs(out: Path) -> list[dict]:
-    return [json.loads(line) for name in pd.SPLITS for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    return [json.loads(line) for name in prepare_data.SPLITS for line in (out / f"{name}.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def review_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("review")
     review = tmp / "review"
-    assert pd.main([str(raw_folder(tmp)), "--out", str(tmp / "unused"), "--review", str(review)]) == 0
+    assert prepare_data.main([str(raw_folder(tmp)), "--out", str(tmp / "unused"), "--review", str(review)]) == 0
     return review
 
 
@@ -78,7 +78,7 @@ def test_edited_sheets_come_back_with_provenance_and_rejects_dropped(review_dir,
     rows[2]["response"] = rows[2]["response"][::-1]
     (tmp_path / "review.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    assert pd.main([str(tmp_path / "review.jsonl"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    assert prepare_data.main([str(tmp_path / "review.jsonl"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
     records = {r["prompt"]: r for r in outputs(out)}
     assert len(records) == len(rows) - 1 and rows[0]["prompt"] not in records
     assert records["How can I send money to a friend?"]["source"] == rows[1]["source"]
@@ -96,7 +96,7 @@ def test_edited_sheets_come_back_with_provenance_and_rejects_dropped(review_dir,
         writer.writeheader()
         writer.writerows(table)
     out = tmp_path / "out-csv"
-    assert pd.main([str(tmp_path / "review.csv"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    assert prepare_data.main([str(tmp_path / "review.csv"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
     records = {r["prompt"]: r for r in outputs(out)}
     assert len(records) == len(table) - 1 and table[3]["prompt"] not in records
     assert records[table[4]["prompt"]]["response"] == table[4]["steps"].splitlines()
@@ -143,7 +143,7 @@ def test_label_studio_export_is_read_like_label_studio_writes_it(review_dir, tmp
         export.append({"id": k, "data": task["data"], "annotations": annotations, "predictions": []})
     (tmp_path / "export.json").write_text(json.dumps(export))
     out = tmp_path / "out"
-    assert pd.main([str(tmp_path / "export.json"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    assert prepare_data.main([str(tmp_path / "export.json"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
     check_reviewed(out, tasks)
 
 

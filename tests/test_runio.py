@@ -39,10 +39,12 @@ def test_config_sets_defaults_and_flags_win(tmp_path):
 def test_unknown_key_in_the_scripts_section_is_an_error(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("data: d\nbatch_size: 4\nfinetune:\n  learning_rat: 0.1\n")
-    args = parse_args(make_parser(), ["--config", str(config)], section="evaluate")
+    sibling = argparse.ArgumentParser()
+    sibling.add_argument("--batch-size", type=int)
+    args = parse_args(make_parser(), ["--config", str(config)], section="evaluate", siblings=lambda: [sibling])
     assert args.data == "d" and not hasattr(args, "batch_size")  # shared keys another script uses are skipped
     with pytest.raises(SystemExit):
-        parse_args(make_parser(), ["--config", str(config)], section="finetune")
+        parse_args(make_parser(), ["--config", str(config)], section="finetune", siblings=lambda: [sibling])
     assert "unknown setting 'learning_rat' under finetune:" in capsys.readouterr().err
 
 
@@ -122,10 +124,11 @@ def test_config_values_are_converted_and_checked_like_flags(tmp_path, capsys):
 
 def test_run_error_is_one_line_and_exit_code_1(tmp_path):
     error = RunError("data.jsonl:3: field 'prompt': missing")
-    assert isinstance(error, SystemExit) and error.code == "error: data.jsonl:3: field 'prompt': missing"
-    assert str(error) == "data.jsonl:3: field 'prompt': missing"
+    assert isinstance(error, Exception), "an ordinary exception: a notebook's `except Exception` catches it"
+    assert str(error) == error.message == "data.jsonl:3: field 'prompt': missing"
     script = tmp_path / "fails.py"
-    script.write_text("from howto.runio import RunError\nraise RunError('it cannot work')\n")
+    script.write_text("from howto.runio import RunError, run_script\n\n\ndef main(argv):\n"
+                      "    raise RunError('it cannot work')\n\n\nrun_script(main)\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert (proc.returncode, proc.stderr) == (1, "error: it cannot work\n")

@@ -18,6 +18,7 @@ import pytest
 import evaluate
 from howto.generate import GGUFGenerator, HFGenerator, generate_batch
 from howto.models import load_for_generation, load_tokenizer, smollm2_gguf
+from howto.runio import RunError
 from howto.ratings import SCORE_COLUMNS, RatingsError, read_key, read_ratings, read_sheet_rows, write_rating_sheet
 from howto.serve import ChatSystem, Decoding, RatingDesk, build_page, stream_all, stream_answer
 
@@ -172,9 +173,9 @@ def test_the_page_rates_the_sheet_that_is_out_and_replaces_it_only_when_forced(t
 
 
 def test_serve_needs_finetuned_and_a_real_port(tmp_path):
-    with pytest.raises(SystemExit, match="--serve needs --finetuned"):
+    with pytest.raises(RunError, match="--serve needs --finetuned"):
         evaluate.main(["--out", str(tmp_path), "--serve"])
-    with pytest.raises(SystemExit, match="--port 70000"):
+    with pytest.raises(RunError, match="--port 70000"):
         evaluate.main(["--finetuned", str(tmp_path), "--out", str(tmp_path), "--serve", "--port", "70000"])
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the four benches, run as the docs run them (`python -m bench.NAME` from the root): each starts and
+"""Smoke tests of the five benches, run as the docs run them (`python -m bench.NAME` from the root): each starts and
 answers --help, and the extraction bench scores a one-page answer key."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def run_bench(name: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_the_four_benches_are_there():
-    assert BENCHES == ["collect_bench", "eval_bench", "prepare_bench", "train_bench"]
+def test_the_five_benches_are_there():
+    assert BENCHES == ["collect_bench", "eval_bench", "prepare_bench", "quality_bench", "train_bench"]
 
 
 @pytest.mark.parametrize("name", BENCHES)

@@ -97,8 +97,9 @@ class GGUFGenerator:
                                           seed=self.seed, stream=stream)
 
 
-def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
-    """A GGUF file loaded by llama.cpp, without its AMX weight buffers on a CPU that has AMX.
+def open_gguf(path: str, context: int, seed: int, gpu: bool, **llama_kwargs: Any) -> Any:
+    """A GGUF file loaded by llama.cpp, without its AMX weight buffers on a CPU that has AMX; `llama_kwargs` go to
+    llama_cpp.Llama as they are (`logits_all`, `vocab_only`).
 
     llama.cpp built for a CPU with AMX (Intel Sapphire Rapids and later) repacks the weights into AMX buffers, and
     its AMX matmul crashed the process (SIGSEGV in ggml_backend_amx_mul_mat, seen on a 2-core Xeon VM with amx_int8).
@@ -119,7 +120,8 @@ def open_gguf(path: str, context: int, seed: int, gpu: bool) -> Any:
 
         llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
     try:
-        return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0)
+        return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0,
+                               **llama_kwargs)
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
 

@@ -38,9 +38,12 @@ def _logits(folder: str | Path, ids: list[int], adapter: Path | None = None) -> 
 
 
 def _llama(path: Path, **kwargs):
+    """llama.cpp as evaluate.py opens it (howto.generate.open_gguf: no AMX weight buffers, whose matmul crashes)."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, **kwargs)
+    from howto.generate import open_gguf
+
+    return open_gguf(str(path), context=256, seed=llama_cpp.LLAMA_DEFAULT_SEED, gpu=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -277,7 +277,7 @@ def set_at(value, path, new):
 ])
 def test_malformed_label_studio_exports_are_one_line_errors(review_dir, tmp_path, capsys, change, message):
     (tmp_path / "export.json").write_text(json.dumps(export_of(review_dir, change)))
-    assert pd.main([str(tmp_path / "export.json"), "--out", str(tmp_path / "out")]) == 1
+    assert prepare_data.main([str(tmp_path / "export.json"), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert f"{tmp_path / 'export.json'}: {message}" in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
@@ -288,7 +288,7 @@ def test_label_studio_export_shapes_that_are_read_correctly(review_dir, tmp_path
     one = export_of(review_dir, lambda e: e[0])  # a single task object, not a list
     (tmp_path / "one.json").write_text(json.dumps(one))
     out = tmp_path / "out-one"
-    assert pd.main([str(tmp_path / "one.json"), "--out", str(out), "--split", "1,0,0", "--keep-case",
+    assert prepare_data.main([str(tmp_path / "one.json"), "--out", str(out), "--split", "1,0,0", "--keep-case",
                     "--keep-punctuation"]) == 0
     assert [r["prompt"] for r in outputs(out)] == [tasks[0]["data"]["prompt"]]
 
@@ -302,7 +302,7 @@ def test_label_studio_export_shapes_that_are_read_correctly(review_dir, tmp_path
         return export
     (tmp_path / "mixed.json").write_text(json.dumps(export_of(review_dir, edited)))
     out = tmp_path / "out-mixed"
-    assert pd.main([str(tmp_path / "mixed.json"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    assert prepare_data.main([str(tmp_path / "mixed.json"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
     records = {r["prompt"]: r for r in outputs(out)}
     assert records["How do I pay a friend?"]["response"] == tasks[1]["data"]["steps"]  # not split into letters
     assert tasks[2]["data"]["prompt"] not in records and len(records) == len(tasks) - 1
@@ -317,7 +317,7 @@ def test_review_sheet_lines_that_are_not_rows_are_one_line_errors(review_dir, tm
             ("string.jsonl", json.dumps({**json.loads(lines[2]), "response": "Open it. Tap it."}),
              "line 3: field 'response': must be a list (a list of steps, one string each), got string")):
         (tmp_path / name).write_text("\n".join(lines[:2] + [bad] + lines[3:]) + "\n")
-        assert pd.main([str(tmp_path / name), "--out", str(tmp_path / "out")]) == 1
+        assert prepare_data.main([str(tmp_path / name), "--out", str(tmp_path / "out")]) == 1
         error = capsys.readouterr().err
         assert message in error and str(tmp_path / name) in error and "Traceback" not in error, error
         assert "line 1 column" not in error and not (tmp_path / "out").exists()
@@ -332,7 +332,7 @@ def test_review_sheet_header_in_another_case_still_drops_rejected_rows(review_di
         writer.writeheader()
         writer.writerows({k.title(): v for k, v in row.items()} for row in table)
     out = tmp_path / "out"
-    assert pd.main([str(tmp_path / "review.csv"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
+    assert prepare_data.main([str(tmp_path / "review.csv"), "--out", str(out), "--keep-case", "--keep-punctuation"]) == 0
     prompts = [r["prompt"] for r in outputs(out)]
     assert table[0]["prompt"] not in prompts and len(prompts) == len(table) - 1
 
@@ -349,7 +349,7 @@ def test_review_csv_cells_never_run_as_formulas_and_read_back_unchanged(tmp_path
     assert all(not cell.startswith(("=", "+", "-", "@")) for cell in row.values())
     assert row["steps"].startswith("'=HYPERLINK(") and row["prompt"].startswith("'+Plus")
     out = tmp_path / "out"
-    assert pd.main([str(tmp_path / "review" / "review.csv"), "--out", str(out), "--split", "1,0,0", "--keep-case",
+    assert prepare_data.main([str(tmp_path / "review" / "review.csv"), "--out", str(out), "--split", "1,0,0", "--keep-case",
                     "--keep-punctuation"]) == 0
     [back] = outputs(out)
     assert back["prompt"] == record["prompt"] and back["response"] == record["response"]

@@ -14,6 +14,7 @@ people) go into the same report.
     python evaluate.py --data data/prepared --base tiny --finetuned runs/r1 --out eval/r1 --bertscore-model minilm
     python evaluate.py --data data/prepared --finetuned runs/r1 --out eval/r1 --fail-on-regression
     python evaluate.py --predictions base=base.jsonl gpt=gpt.jsonl --out eval/cmp --bertscore-model minilm
+    python evaluate.py --finetuned runs/r1 --out eval/r1 --serve     # chat and rate on http://127.0.0.1:7860
 
 Settings (flags, or the `evaluate:` section of a --config YAML): greedy decoding of at most 256 new tokens, 8
 prompts a batch (ordered by the reference's length so that a batch's answers end together); BERTScore with
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -39,26 +41,35 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table as RichTable
+from rich.table import Table
 
-from howto import forgetting, parity, report
+from howto import forgetting, parity, report, runtime
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
-from howto.generate import GGUFGenerator, HFGenerator, is_gguf_file
-from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MINILM, BertScore, BertScoreUnavailable, StepEncoder,
-                           mean_defined, paired_comparison, prompt_key, score_examples)
+from howto.generate import GGUFGenerator, HFGenerator, gguf_problem, is_gguf_file, model_folder_problem
+from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM, TOO_FEW, BertScore,
+                           BertScoreUnavailable, StepEncoder, mean_defined, paired_comparison, prompt_key,
+                           score_examples, too_few_pairs)
 from howto.models import (default_model, free_memory, has_cuda, load_for_generation, load_tokenizer, read_run_info,
                           resolve_model)
 from howto.records import read_clean, read_records
-from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, parse_args,
-                         positive_int, write_json, write_jsonl, write_run_info)
+from howto.report import Rows
+from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, json_line,
+                         parse_args, positive_int, run_script, write_json, write_jsonl, write_run_info)
 
 console = Console(stderr=True)
-Table = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
+# What evaluate.py writes at the top of OUT: no system may be named like one, since OUT/<name>/ holds its files
+# ("ratings" is the folder the page of --serve saves its ratings to, howto.serve.RATINGS_DIR).
+OUTPUTS = ("metrics.json", "report.md", "report.html", "plots", "config.yaml", "run_info.json", "judge.jsonl",
+           "rating_sheet.csv", "rating_key.json", "ratings")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(build_parser(), argv, section="evaluate")
+    runtime.setup()
+    args = parse_args(build_parser(), argv, section="evaluate", siblings=sibling_parsers)
     out_dir = check_args(args)
+    if args.serve:
+        serve_page(args, out_dir)
+        return {}
     data_file = test_file(args.data) if args.data else None
     examples = load_test_set(data_file, None) if data_file else []
     if args.predictions:
@@ -76,6 +87,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_results(metrics, out_dir)
     check_regression(metrics, args)
     return metrics
+
+
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import finetune
+    import prepare_data
+
+    return [finetune.build_parser(), prepare_data.build_parser()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,20 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--judge-model", help="model name for the judge endpoint")
     rt.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     rt.add_argument("--rating-sheet", action="store_true",
-                    help="write a blinded rating sheet (CSV and HTML form) of the first two systems for people")
+                    help="write a blinded rating sheet (CSV) of the first two systems for people, and its key")
+    rt.add_argument("--force-new-sheet", action="store_true",
+                    help="let --rating-sheet or --serve replace a rating key whose sheet may be out with raters")
     rt.add_argument("--ratings", nargs="+", metavar="FILE", help="filled rating sheets to read back and report")
     rt.add_argument("--ratings-key", help="key that unblinds the sheets (default: OUT/rating_key.json)")
+    pg = p.add_argument_group("the page: chat and rate in a browser")
+    pg.add_argument("--serve", action="store_true",
+                    help="serve a local page instead of evaluating: chat with the base and --finetuned models side "
+                         "by side, and rate OUT's answers blind (saved to OUT/ratings/, read back by --ratings)")
+    pg.add_argument("--host", default="127.0.0.1", help="address the page listens on (loopback: this machine only)")
+    pg.add_argument("--port", type=positive_int, default=7860, help="port of the page")
     return p
 
 
 def check_args(args: argparse.Namespace) -> Path:
     """Every check that needs no model, before any slow work; returns the output folder, created."""
-    if not args.predictions and not (args.data and args.finetuned):
+    if args.serve and not args.finetuned:
+        raise RunError("--serve needs --finetuned (the run to chat with) and --out (the evaluation whose answers are "
+                       "rated)")
+    if not args.serve and not args.predictions and not (args.data and args.finetuned):
         raise RunError("give --data and --finetuned to generate, or --predictions NAME=FILE ... to score files")
+    if args.port > 65535:
+        raise RunError(f"--port {args.port}: a port is 1-65535")
     if args.bootstrap < 100:
         raise RunError(f"--bootstrap {args.bootstrap}: a 95% interval needs at least 100 resamples (default 2000)")
     if args.parity_tolerance < 0:
         raise RunError(f"--parity-tolerance {args.parity_tolerance}: must be 0 or more")
+    if args.fail_on_regression and (args.predictions or not args.parity):
+        raise RunError("--fail-on-regression fails on an export worse than its adapter; "
+                       + ("--predictions scores files and has no exports" if args.predictions else
+                          "--no-parity scores no export"))
     out_dir = check_out_dir(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -185,6 +221,18 @@ def _prompt_field(record: dict[str, Any], where: str) -> str:
     return prompt
 
 
+def _count_field(record: dict[str, Any], field: str, where: str, whole: bool) -> int | float | None:
+    """An optional count (`n_tokens`, whole) or duration (`seconds`): absent or null, else a finite number >= 0."""
+    value = record.get(field)
+    if value is None:
+        return None
+    number = isinstance(value, int) if whole else isinstance(value, int | float)
+    if isinstance(value, bool) or not number or not math.isfinite(value) or value < 0:
+        wanted = "a whole number" if whole else "a number"
+        raise RunError(f"{where}: field {field!r} must be {wanted} >= 0 or null, got {json.dumps(value)}")
+    return value
+
+
 def load_test_set(file: Path, limit: int | None) -> list[dict[str, Any]]:
     """Test records as examples {prompt, response, category} (howto.records' clean records); a prompt seen twice
     is evaluated once."""
@@ -199,18 +247,20 @@ def load_test_set(file: Path, limit: int | None) -> list[dict[str, Any]]:
     return list(examples.values())[:limit]
 
 
-def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, Path, Table]:
+def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, Path, Rows]:
     """A NAME=FILE predictions file as a table like generate_system's. A missing reference or category is taken
     from --data when the prompt is there."""
     name, sep, file = spec.partition("=")
     if not sep or not name or not file:
         raise RunError(f"--predictions {spec}: expected NAME=FILE")
-    if name in {"plots"} or "/" in name or name.startswith("."):
-        raise RunError(f"--predictions {spec}: {name!r} cannot be used as a system name")
+    if name.lower() in OUTPUTS or "/" in name or "\\" in name or name.startswith("."):
+        raise RunError(f"--predictions {spec}: {name!r} cannot be used as a system name (OUT/{name} holds the "
+                       f"system's files; the name must not contain a slash, start with a dot or be one of "
+                       f"evaluate's outputs: {', '.join(OUTPUTS)})")
     path = Path(file)
     if not path.is_file():
         raise RunError(f"--predictions {spec}: no such file {file}")
-    table: Table = {}
+    table: Rows = {}
     seen: dict[str, int] = {}
     for lineno, record in _jsonl_records(path):
         where = f"{path}:{lineno}"
@@ -236,16 +286,17 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
             raise RunError(f"{where}: field 'output' must be a string or a list of strings")
         table[key] = {"prompt": prompt, "response": response, "output": text, "steps": steps,
                       "category": str(record.get("category") or test.get("category") or "uncategorized"),
-                      "n_tokens": record.get("n_tokens"), "seconds": record.get("seconds")}
+                      "n_tokens": _count_field(record, "n_tokens", where, whole=True),
+                      "seconds": _count_field(record, "seconds", where, whole=False)}
     if not table:
         raise RunError(f"{path}: no predictions")
     return name, path, table
 
 
 def read_all_predictions(specs: list[str], examples: list[dict[str, Any]],
-                         limit: int | None) -> tuple[dict[str, Table], dict[str, Path]]:
+                         limit: int | None) -> tuple[dict[str, Rows], dict[str, Path]]:
     known = {prompt_key(ex["prompt"]): ex for ex in examples}
-    tables: dict[str, Table] = {}
+    tables: dict[str, Rows] = {}
     sources: dict[str, Path] = {}
     for spec in specs:
         name, path, table = read_predictions(spec, known)
@@ -274,13 +325,19 @@ def as_system(name: str, path: Path, base: str, flag: str) -> System:
     if path.is_file():
         if not is_gguf_file(str(path)):
             raise RunError(f"{flag} {path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        problem = gguf_problem(str(path))
+        if problem:
+            raise RunError(f"{flag} {path}: {problem}")
         return System(name, gguf=str(path), tokenizer_model=base)
+    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+        raise RunError(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model "
+                       "folder (config.json) or a .gguf file")
+    problem = model_folder_problem(path)
+    if problem:
+        raise RunError(f"{flag} {path}: {problem}")
     if (path / "adapter_config.json").is_file():
         return System(name, model=base, adapter=str(path))
-    if (path / "config.json").is_file():
-        return System(name, model=str(path))
-    raise RunError(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model folder "
-                     "(config.json) or a .gguf file")
+    return System(name, model=str(path))
 
 
 def resolve_systems(base: str | None, finetuned: str) -> list[System]:
@@ -313,7 +370,7 @@ def export_systems(args: argparse.Namespace, base: str) -> list[System]:
 
 
 def generate_all(args: argparse.Namespace, examples: list[dict[str, Any]], out_dir: Path) -> tuple[
-        list[System], list[System], dict[str, Table], dict[str, list[dict[str, Any]] | None]]:
+        list[System], list[System], dict[str, Rows], dict[str, list[dict[str, Any]] | None]]:
     """Base, fine-tuned and export systems, each one's answers, and the forgetting probe for base and fine-tuned
     (not for a GGUF file, which gives no teacher-forced loss here)."""
     systems = resolve_systems(args.base, args.finetuned)
@@ -391,7 +448,7 @@ def _append_journal(path: Path) -> Any:
 
 
 def generate_system(system: System, examples: list[dict[str, Any]], args: argparse.Namespace, out_dir: Path,
-                    probe: list[dict[str, Any]] | None) -> tuple[Table, list[dict[str, Any]] | None]:
+                    probe: list[dict[str, Any]] | None) -> tuple[Rows, list[dict[str, Any]] | None]:
     """Predictions of one system for every example, generating only what the cache does not hold yet, and the
     forgetting probe's rows when asked for (with the same loaded model).
 
@@ -434,7 +491,7 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
                        "seconds": round(seconds, 4), "decode_steps": own, "batch_steps": max(steps),
                        "settings_hash": key}
                 cache[prompt_key(ex["prompt"])] = row
-                f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+                f.write(json_line(row, path).encode())
             f.flush()
             os.fsync(f.fileno())
             progress.advance(task, len(batch))
@@ -463,7 +520,7 @@ def _progress() -> Progress:
 # Scoring and comparison
 # ---------------------------------------------------------------------------------------------------------------------
 
-def score_all(tables: dict[str, Table], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def score_all(tables: dict[str, Rows], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Every system's rows scored, with BERTScore and the step encoder loaded once; their settings."""
     try:
         bertscore = BertScore(args.bertscore_model, args.bertscore_layers, batch_size=args.bertscore_batch_size)
@@ -477,7 +534,7 @@ def score_all(tables: dict[str, Table], args: argparse.Namespace, out_dir: Path)
     return {"bertscore": bertscore.settings, "alignment": {**encoder.settings, "threshold": args.align_threshold}}
 
 
-def score_table(table: Table, bertscore: BertScore, encoder: StepEncoder, threshold: float) -> None:
+def score_table(table: Rows, bertscore: BertScore, encoder: StepEncoder, threshold: float) -> None:
     """Every metric of every row, added to the row."""
     rows = list(table.values())
     scores = score_examples([r["steps"] for r in rows], [r["response"] for r in rows], bertscore, encoder, threshold)
@@ -491,7 +548,7 @@ def score_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "category": row["category"], **{k: row[k] for k in (*METRICS, *fields)}}
 
 
-def summarise(table: Table) -> dict[str, Any]:
+def summarise(table: Rows) -> dict[str, Any]:
     """Means per metric (undefined order accuracies left out, with the count that is left), generation totals."""
     rows = list(table.values())
     means, defined = {}, {}
@@ -515,7 +572,7 @@ def _useful_share(rows: list[dict[str, Any]]) -> float | None:
     return round(sum(r["decode_steps"] for r in timed) / sum(r["batch_steps"] for r in timed), 3) if timed else None
 
 
-def breakdown(table: Table, key: str) -> dict[str, dict[str, Any]]:
+def breakdown(table: Rows, key: str) -> dict[str, dict[str, Any]]:
     """Means of the headline metrics per value of `key` (category, number of reference steps)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in table.values():
@@ -526,7 +583,7 @@ def breakdown(table: Table, key: str) -> dict[str, dict[str, Any]]:
             for g in order}
 
 
-def paired_keys(baseline: Table, other: Table, names: tuple[str, str]) -> list[str]:
+def paired_keys(baseline: Rows, other: Rows, names: tuple[str, str]) -> list[str]:
     """The prompts both systems answered (whitespace-normalised); none at all is an error."""
     common = [k for k in baseline if k in other]
     if not common:
@@ -538,13 +595,13 @@ def paired_keys(baseline: Table, other: Table, names: tuple[str, str]) -> list[s
     return common
 
 
-def compare(baseline: Table, other: Table, common: list[str], n_resamples: int, seed: int) -> dict[str, Any]:
+def compare(baseline: Rows, other: Rows, common: list[str], n_resamples: int, seed: int) -> dict[str, Any]:
     """Paired comparison (other minus baseline) of every metric over the prompts both systems answered."""
     return {m: paired_comparison([baseline[k][m] for k in common], [other[k][m] for k in common],
                                  n_resamples=n_resamples, seed=seed) for m in METRICS}
 
 
-def differing_examples(baseline: Table, other: Table, common: list[str], k: int) -> list[dict[str, Any]]:
+def differing_examples(baseline: Rows, other: Rows, common: list[str], k: int) -> list[dict[str, Any]]:
     """The prompts where the two systems' BERTScore F1 differ most, largest first."""
     pairs = [(abs(other[key]["bertscore_f1"] - baseline[key]["bertscore_f1"]), baseline[key]["prompt"])
              for key in common]
@@ -552,7 +609,7 @@ def differing_examples(baseline: Table, other: Table, common: list[str], k: int)
             sorted(pairs, key=lambda x: -x[0])[:k]]
 
 
-def summarise_run(tables: dict[str, Table], systems: list[System], exports: list[System], args: argparse.Namespace,
+def summarise_run(tables: dict[str, Rows], systems: list[System], exports: list[System], args: argparse.Namespace,
                   data_file: Path | None, sources: dict[str, Path], scorers: dict[str, Any]) -> dict[str, Any]:
     """metrics.json without the parity, forgetting and ratings sections: every system but the exports against the
     baseline."""
@@ -590,11 +647,14 @@ def summarise_run(tables: dict[str, Table], systems: list[System], exports: list
     }
 
 
-def verdict(baseline: str, name: str, tables: dict[str, Table], comparison: dict[str, Any]) -> str:
+def verdict(baseline: str, name: str, tables: dict[str, Rows], comparison: dict[str, Any]) -> str:
     """One line on whether `name` answers better than `baseline`: BERTScore F1's interval decides, but a system
-    that loops on more answers than its baseline is never called better, whatever its scores."""
+    that loops on more answers than its baseline is never called better, whatever its scores, and over fewer than
+    MIN_PAIRED paired prompts nothing is judged."""
     loops = {n: sum(r["looping"] for r in tables[n].values()) for n in (baseline, name)}
     f1 = comparison["bertscore_f1"]
+    if too_few_pairs(f1):
+        return f"{TOO_FEW} ({f1['n']}, fewer than {MIN_PAIRED}): no difference judged"
     if loops[name] > loops[baseline]:
         return (f"not better: {name} loops on {loops[name]} of {len(tables[name])} answers, {baseline} on "
                 f"{loops[baseline]}")
@@ -605,14 +665,14 @@ def verdict(baseline: str, name: str, tables: dict[str, Table], comparison: dict
     return "no clear difference: BERTScore F1's interval includes zero"
 
 
-def looping_examples(table: Table, k: int) -> list[dict[str, Any]]:
+def looping_examples(table: Rows, k: int) -> list[dict[str, Any]]:
     """The worst looping answers (most repeated steps first), shown as generated."""
     rows = sorted((r for r in table.values() if r["looping"]), key=lambda r: (-r["repeated_steps"], -r["n_gen_steps"]))
     return [{"prompt": r["prompt"], "repeated_steps": round(r["repeated_steps"], 3), "n_gen_steps": r["n_gen_steps"],
              "n_ref_steps": r["n_ref_steps"], "output": r["output"]} for r in rows[:k]]
 
 
-def parity_section(tables: dict[str, Table], exports: list[System], args: argparse.Namespace) -> dict[str, Any] | None:
+def parity_section(tables: dict[str, Rows], exports: list[System], args: argparse.Namespace) -> dict[str, Any] | None:
     """Each export against the fine-tuned system it was made from."""
     if not exports:
         return None
@@ -642,7 +702,7 @@ def forgetting_section(probes: dict[str, list[dict[str, Any]] | None], args: arg
 # 1-5 ratings
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rating_examples(tables: dict[str, Table], systems: list[str]) -> list[dict[str, Any]]:
+def rating_examples(tables: dict[str, Rows], systems: list[str]) -> list[dict[str, Any]]:
     """Prompts every named system answered, with each system's parsed steps, in the baseline's order."""
     first = tables[systems[0]]
     return [{"prompt": row["prompt"], "reference": row["response"], "category": row["category"],
@@ -650,7 +710,7 @@ def rating_examples(tables: dict[str, Table], systems: list[str]) -> list[dict[s
             for key, row in first.items() if all(key in tables[name] for name in systems)]
 
 
-def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir: Path) -> dict[str, Any]:
+def collect_ratings(args: argparse.Namespace, tables: dict[str, Rows], out_dir: Path) -> dict[str, Any]:
     """Run whichever rating paths the flags ask for; the results go into metrics.json and the report."""
     if not (args.judge_url or args.judge_model or args.rating_sheet or args.ratings):
         return {}
@@ -670,11 +730,15 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir:
     if args.rating_sheet:
         if len(systems) < 2:
             raise RunError("--rating-sheet needs two systems")
-        csv_path, html_path = ratings.write_rating_sheet(rating_examples(tables, systems[:2]), out_dir,
-                                                         seed=args.seed)
-        result["rating_sheet"] = {"csv": str(csv_path), "html": str(html_path), "systems": systems[:2],
-                                  "key": str(out_dir / "rating_key.json")}
-        console.print(f"rating sheet: {csv_path} and {html_path} (keep {out_dir / 'rating_key.json'} from raters)")
+        try:
+            csv_path = ratings.write_rating_sheet(rating_examples(tables, systems[:2]), out_dir, seed=args.seed,
+                                                  force=args.force_new_sheet)
+        except ratings.RatingsError as e:
+            raise RunError(f"--rating-sheet: {e}") from None
+        result["rating_sheet"] = {"csv": str(csv_path), "systems": systems[:2],
+                                  "key": str(out_dir / ratings.KEY_FILE)}
+        console.print(f"rating sheet: {csv_path} (keep {out_dir / ratings.KEY_FILE} from raters; or rate on the "
+                      "page of --serve)")
     if args.ratings:
         key = Path(args.ratings_key) if args.ratings_key else out_dir / "rating_key.json"
         try:
@@ -685,10 +749,85 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Table], out_dir:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The page (--serve): chat with the models, rate the answers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def serve_page(args: argparse.Namespace, out_dir: Path) -> None:
+    """Chat with the run's models and rate OUT's answers on a local page, until interrupted. The models load once,
+    here; what is missing (no adapter yet, no answers to rate) is said on the page instead of stopping."""
+    from howto import serve
+
+    systems, notices = chat_systems(args)
+    desk, rate_notice = rating_desk(args, out_dir)
+    loaded = []
+    for system in systems:
+        with console.status(f"loading {system.name} ({system.gguf or system.model})"):
+            loaded.append(serve.ChatSystem(system.name, system_title(system), load_generator(system, args)))
+    report_hint = (f"To put the ratings in the report: `python evaluate.py --data DATA --finetuned {args.finetuned} "
+                   f"--out {out_dir} --ratings {out_dir / serve.RATINGS_DIR}/*.csv` (agreement when two or more "
+                   "people rated).")
+    page = serve.build_page(loaded, serve.Decoding(args.max_new_tokens, args.temperature, args.gguf_context),
+                            notices, desk, rate_notice, report_hint)
+    console.print(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve.launch(page, args.host, args.port)
+
+
+def chat_systems(args: argparse.Namespace) -> tuple[list[System], list[str]]:
+    """The chat's systems: base, fine-tuned and the run's GGUF files; a run folder with no model in it yet gives the
+    base alone, and a notice for the page saying why."""
+    path = Path(args.finetuned)
+    if not path.exists():
+        raise RunError(f"--finetuned {args.finetuned}: no such file or folder")
+    try:
+        systems = resolve_systems(args.base, args.finetuned)
+    except RunError as e:
+        base = args.base or read_run_info(path).get("base_model") or default_model()
+        return [System("base", model=base)], [f"No fine-tuned model to chat with: {e}. The base model answers "
+                                              "alone; train first (finetune.py) or point --finetuned at an adapter."]
+    try:
+        ggufs = [s for s in export_systems(args, systems[0].model) if s.gguf] if args.parity else []
+    except RunError as e:
+        return systems, [f"The run's exports are left out: {e}"]
+    return systems + ggufs, []
+
+
+def system_title(system: System) -> str:
+    """A chat column's heading: which model answers there."""
+    return f"{system.name}: {system.gguf or system.model}" + (f" + {system.adapter}" if system.adapter else "")
+
+
+def rating_desk(args: argparse.Namespace, out_dir: Path) -> tuple[Any, str]:
+    """The blinded sheet the rate tab shows: OUT's own (one written by --rating-sheet, or by an earlier page), else
+    one written now from OUT's base and fine-tuned answers; with --force-new-sheet, written again from the answers
+    as they are now. None and why not, for the page."""
+    from howto import ratings, serve
+
+    key_file, sheet = out_dir / ratings.KEY_FILE, out_dir / ratings.SHEET_FILE
+    try:
+        tables = {name: read_predictions(f"{name}={out_dir / name / 'predictions.jsonl'}", {})[2]
+                  for name in ("base", "finetuned") if (out_dir / name / "predictions.jsonl").is_file()}
+        if len(tables) == 2 and (args.force_new_sheet or not key_file.exists() or not sheet.exists()):
+            ratings.write_rating_sheet(rating_examples(tables, list(tables))[: args.limit], out_dir, seed=args.seed,
+                                       force=args.force_new_sheet)
+        if not key_file.exists():
+            return None, (f"Nothing to rate in {out_dir} yet: evaluate first (`python evaluate.py --data DATA "
+                          f"--finetuned {args.finetuned} --out {out_dir}`); the base and fine-tuned answers it writes "
+                          "are rated here.")
+        key = ratings.read_key(key_file)
+        rows = ratings.read_sheet_rows(sheet)
+        if not rows or any((r.get("sheet_id"), r.get("key_hash")) != (key.sheet_id, key.key_hash) for r in rows):
+            raise ratings.RatingsError(f"{sheet} is not the sheet of {key_file} (sheet {key.sheet_id}): write a new "
+                                       "pair with --rating-sheet --force-new-sheet")
+    except (RunError, ratings.RatingsError) as e:
+        return None, str(e)
+    return serve.RatingDesk(key, rows, out_dir / serve.RATINGS_DIR), ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def write_outputs(metrics: dict[str, Any], tables: dict[str, Table], args: argparse.Namespace, sources: list[Path],
+def write_outputs(metrics: dict[str, Any], tables: dict[str, Rows], args: argparse.Namespace, sources: list[Path],
                   out_dir: Path) -> None:
     plots = report.make_plots(tables, metrics)
     for name, data in plots.items():
@@ -703,7 +842,7 @@ def write_outputs(metrics: dict[str, Any], tables: dict[str, Table], args: argpa
 def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
     """The report's results, parity and forgetting tables on the console."""
     def show(title: str, header: list[str], rows: list[list[str]]) -> None:
-        table = RichTable(title=title)
+        table = Table(title=title)
         for i, column in enumerate(header):
             table.add_column(escape(column), justify="left" if i == 0 else "right")
         for row in rows:
@@ -729,15 +868,22 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
 
 
 def check_regression(metrics: dict[str, Any], args: argparse.Namespace) -> None:
-    """An export worse than the adapter: said in red, and an error with --fail-on-regression."""
+    """An export worse than the adapter: said in red, and an error with --fail-on-regression, as is an export judged
+    on too few prompts to tell (a gate that cannot tell does not pass)."""
     exports = (metrics.get("parity") or {}).get("exports") or {}
     worse = [name for name, p in exports.items() if p["verdict"] == "worse"]
+    unjudged = [name for name, p in exports.items() if p["verdict"] == TOO_FEW]
     if worse and args.fail_on_regression:
         raise RunError(f"--fail-on-regression: {', '.join(worse)} scored worse than the adapter beyond the tolerance "
                        f"{args.parity_tolerance} (see the parity section of {Path(args.out) / 'report.md'})")
+    if unjudged and args.fail_on_regression:
+        raise RunError(f"--fail-on-regression: {', '.join(unjudged)}: {TOO_FEW} (fewer than {MIN_PAIRED}) to tell "
+                       "whether it is worse than the adapter; evaluate on more test prompts")
     for name in worse:
         console.print(f"[red]{name} is worse than the adapter it was exported from (see the parity section)[/]")
+    for name in unjudged:
+        console.print(f"[yellow]{name}: {TOO_FEW} to compare it with the adapter it was exported from[/]")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -22,10 +22,10 @@ records (howto.chat.encode_example) with the loss on the answer only. `unsloth` 
 4-bit with Unsloth's kernels. `hf`: transformers + peft, the QLoRA paper's recipe (NF4 4-bit, paged 8-bit AdamW) on
 CUDA; the benchmark's baseline, the engine for several GPUs under `accelerate launch`, and the CPU loop's engine
 (configs/cpu.yaml), unquantized in bf16 where the CPU has it natively, else fp32, with eager attention and each decoder
-layer compiled by torch.compile (howto.flops.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
+layer compiled by torch.compile (howto.device.cpu_plan; `--no-compile` to skip), the LM head and loss on the answer
 positions alone, as TRL's fused head computes them on a GPU, under the run's mixed precision, with torch's fused
 AdamW. Gradient checkpointing is on where memory needs it (always on a GPU) and off where not
-(howto.flops.checkpointing_needed).
+(howto.device.checkpointing_needed).
 """
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from howto import chat, flops, models, preflight, replay, trainlog
+from howto import chat, device, flops, models, preflight, replay, runtime, trainlog
 from howto.models import choose_precision
 from howto.records import read_clean
 from howto.runio import (
-    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, markdown_table, parse_args, write_json,
-    write_jsonl, write_run_info,
+    RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, load_yaml, markdown_table, parse_args,
+    run_script, write_json, write_jsonl, write_run_info,
 )
 
 REQUIRED_SPLITS = ("train", "val")
@@ -66,6 +66,18 @@ NOT_IN_BEST_CONFIG = {"out", "config", "sweep", "sweep_lr", "sweep_epochs", "swe
                       "sweep_optuna_trials", "resume", "export", "export_only", "quant", "llama_cpp", "dry_run",
                       "gpu_memory"}
 INTERRUPTED_EXIT = 130
+# Above this no learning rate trains anything: AdamW moves every weight by about the rate each step, so a rate over 1
+# overwrites the model in a step or two (LoRA recipes use 1e-5 to 1e-3). `--lr 2e4` is a typo for 2e-4.
+MAX_LR = 1.0
+# What --resume must share with the run it continues: what the adapter is (model, engine, LoRA shape, sequence
+# length) and what the checkpoint's optimizer, scheduler and data order were set up with (a resumed scheduler keeps
+# its own learning rate, so another --lr would be recorded but never used). --epochs may change: it extends a run.
+RESUME_SETTINGS = ("model", "engine", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "load_in_4bit",
+                   "max_seq_length", "packing", "lr", "scheduler", "warmup_ratio", "batch_size", "grad_accum", "seed")
+
+
+class Diverged(RunError):
+    """Training that diverged: stopped, no adapter kept as its result, exit code 1."""
 
 
 def is_main_process() -> bool:
@@ -77,6 +89,7 @@ console = Console(quiet=not is_main_process())
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.setup()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     out_dir = Path(args.out)
@@ -84,18 +97,18 @@ def main(argv: list[str] | None = None) -> None:
         export(args, finished_run_base(out_dir), out_dir)
         return
     records = load_splits(Path(args.data))  # cheap checks before the slow imports
-    check_resume(args, out_dir, records["files"])
     announce_model(args)
+    check_resume(args, out_dir, records["files"])
     if not args.dry_run:
         import_engine(args.engine)
         models.hide_loading_bars()
     base_path = models.resolve_model(args.model)
-    check = Console(record=True, quiet=console.quiet)  # what the preflight prints also goes to OUT/preflight.txt
-    preflight.check_memory(base_path, args, check)  # before anything is downloaded
+    preflight_console = Console(record=True, quiet=console.quiet)  # what it prints also goes to OUT/preflight.txt
+    preflight.check_memory(base_path, args, preflight_console)  # before anything is downloaded
     if "gguf" in args.export:
-        preflight.check_gguf_tools(args.llama_cpp, check)
+        preflight.check_gguf_tools(args.llama_cpp, preflight_console)
     tokenizer = models.load_tokenizer(base_path, offline=args.dry_run)
-    data = tokenize_splits(args, tokenizer, records, out_dir, check)
+    data = tokenize_splits(args, tokenizer, records, out_dir, preflight_console)
     if args.dry_run:
         return
     if args.mix_general:
@@ -111,6 +124,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- Settings
+
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import evaluate
+    import prepare_data
+
+    return [evaluate.build_parser(), prepare_data.build_parser()]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Defaults: the recipe that fits Mistral-7B QLoRA on a 16 GB T4 (configs/t4.yaml gives the reasons)."""
@@ -167,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QLoRA: base weights in 4-bit NF4 (the hf engine on a CPU trains in full precision)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each decoder layer (fuses norms, RoPE and activations between the matmuls); "
-                        "default: on for the hf engine on a CPU with a C++ compiler (howto.flops.cpu_plan), off on "
+                        "default: on for the hf engine on a CPU with a C++ compiler (howto.device.cpu_plan), off on "
                         "a GPU, where Unsloth brings its own kernels")
     p.add_argument("--sweep", action="store_true",
                    help="hyperparameter search: one real run per trial in OUT/sweep/trial-K, ranked by validation "
@@ -233,9 +254,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         (args.gpu_memory is None or args.gpu_memory > 0, "--gpu-memory must be > 0 (GB)"),
         (not (args.dry_run and args.export_only), "--dry-run checks a training run; --export-only trains nothing"),
     ]
+    for flag in ("lr", "lora_dropout", "warmup_ratio", "gpu_memory"):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            parser.error(f"--{flag.replace('_', '-')} {value}: must be a finite number")
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    if args.lr > MAX_LR:
+        parser.error(f"--lr {args.lr:g} is far above any learning rate that trains (at most {MAX_LR:g}; LoRA uses "
+                     f"1e-5 to 1e-3, the default is 2e-4){typo_hint(args.lr)}")
     # --quant stays a string flag, so that a config's `quant: q4_k_m` reads as written
     args.quant = [quant.strip() for quant in args.quant.split(",") if quant.strip()]
     if not args.target_modules:
@@ -243,8 +271,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.sweep:
         for flag in ("sweep_lr", "sweep_epochs", "sweep_batch_size"):
             values = getattr(args, flag)
-            if not values or any(v <= 0 for v in values):
-                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each > 0")
+            if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+                parser.error(f"--{flag.replace('_', '-')} needs one or more values, each > 0 and finite")
+        if any(lr > MAX_LR for lr in args.sweep_lr):
+            parser.error(f"--sweep-lr: every learning rate must be at most {MAX_LR:g} (LoRA uses 1e-5 to 1e-3)")
     if args.sweep and args.export:
         parser.error("--export exports a final run: run the sweep's best_config.yaml without --sweep to export it")
     if "gguf" in args.export and not args.quant:
@@ -259,9 +289,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 parser.error(f"--quant: {e}")
 
 
+def typo_hint(lr: float) -> str:
+    """`: did you mean 2e-4?` for 2e4, a rate written with its exponent's minus sign left out."""
+    exponent = math.floor(math.log10(lr))
+    return f": did you mean {lr / 10 ** exponent:g}e-{exponent}?" if exponent >= 1 else ""
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    args = parse_args(parser, argv, section="finetune")
+    args = parse_args(parser, argv, section="finetune", siblings=sibling_parsers)
     check_args(parser, args)
     check_out_dir(args.out)  # a file, or a folder without write access, fails now rather than after training
     return args
@@ -298,7 +334,8 @@ def load_splits(data_dir: Path) -> dict[str, Any]:
 
 
 def check_resume(args: argparse.Namespace, out_dir: Path, files: list[Path]) -> None:
-    """--resume continues a run on the data it trained on: other data is refused before anything is rewritten."""
+    """--resume continues a run on the data it trained on, with the settings it trained with (RESUME_SETTINGS):
+    anything else is refused before anything is rewritten."""
     if not args.resume:
         return
     digest = hash_files(files)
@@ -308,10 +345,36 @@ def check_resume(args: argparse.Namespace, out_dir: Path, files: list[Path]) -> 
             raise RunError(f"--resume: {folder / 'run_info.json'} trained on other data (sha256 {recorded[:12]}, "
                            f"{', '.join(map(str, files))} hash to {digest[:12]}): resume with the --data it "
                            "trained on, or train the new data into another --out")
+        differing = resume_differences(args, folder, trial=folder != out_dir)
+        if differing:
+            raise RunError(f"--resume: {folder} was trained with other settings: {'; '.join(differing)}: resume "
+                           f"with the run's own settings ({folder / 'config.yaml'}), or train into another --out")
+
+
+def resume_differences(args: argparse.Namespace, folder: Path, trial: bool) -> list[str]:
+    """`--lora-r 8 (the run has 16)` for each of RESUME_SETTINGS where these settings and the run's config.yaml
+    differ; a sweep's trial has its own learning rate, epochs and batch size, chosen by the sweep."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        recorded = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunError(f"--resume: {path}: cannot be read ({e}); the run's settings are unknown") from None
+    if not isinstance(recorded, dict):
+        raise RunError(f"--resume: {path}: expected a mapping of setting: value")
+    current = config_record(args)
+    return [f"--{key.replace('_', '-')} {show_setting(current[key])} (the run has {show_setting(recorded[key])})"
+            for key in RESUME_SETTINGS if key in recorded and recorded[key] != current[key]
+            and not (trial and key in TRIAL_KEYS)]
+
+
+def show_setting(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str, Any], out_dir: Path,
-                    check: Console) -> dict[str, Any]:
+                    preflight_console: Console) -> dict[str, Any]:
     """Both splits as datasets of input_ids + completion_mask (howto.chat.encode_example, the one tokenization),
     once the preflight's token view and checks pass; what the preflight printed goes to OUT/preflight.txt."""
     from datasets import Dataset, disable_progress_bars
@@ -321,9 +384,9 @@ def tokenize_splits(args: argparse.Namespace, tokenizer: Any, records: dict[str,
                for split in REQUIRED_SPLITS}
     listing = preflight.show_examples(tokenizer, [r for s in REQUIRED_SPLITS for r in records[s]],
                                       [e for s in REQUIRED_SPLITS for e in encoded[s]], args.max_seq_length,
-                                      sft_collator(tokenizer), check)
+                                      sft_collator(tokenizer), preflight_console)
     if is_main_process():
-        console.print(f"preflight passed: {preflight.save(check, listing, out_dir)}")
+        console.print(f"preflight passed: {preflight.save(preflight_console, listing, out_dir)}")
     disable_progress_bars()
     return {"files": records["files"], **{split: Dataset.from_list(encoded[split]) for split in REQUIRED_SPLITS}}
 
@@ -398,7 +461,7 @@ def load_unsloth(args: argparse.Namespace, path: str, precision: str, checkpoint
 
 def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: bool) -> Any:
     """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper); on a CPU full precision with the
-    attention howto.flops.cpu_plan chose."""
+    attention howto.device.cpu_plan chose."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -410,7 +473,7 @@ def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: 
         console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if not cuda:
-        kwargs["attn_implementation"] = flops.CPU_ATTENTION
+        kwargs["attn_implementation"] = device.CPU_ATTENTION
     if four_bit:
         kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
     if cuda and not sharded_launch():
@@ -431,14 +494,14 @@ def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
     import transformers
 
     transformers.set_seed(args.seed)
-    checkpointing, why = flops.checkpointing_needed(path, args, precision)
+    checkpointing, why = device.checkpointing_needed(path, args, precision)
     console.print(f"gradient checkpointing {why}")
     model = (load_unsloth if args.engine == "unsloth" else load_hf)(args, path, precision, checkpointing)
     # Decided once: the resolved choice goes into the run's config and the trainer reads it from there
     args.compile, why = compile_wanted(args)
     console.print(f"torch.compile {why}")
     if args.compile:
-        compile_layers(model)
+        device.compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}: {trainable:,} trainable parameters")
     return model
@@ -452,21 +515,8 @@ def compile_wanted(args: argparse.Namespace) -> tuple[bool, str]:
         return args.compile, "on (--compile)" if args.compile else "off (--no-compile)"
     if torch.cuda.is_available() or args.engine != "hf":
         return False, "off (GPU or Unsloth engine: their own kernels)"
-    plan = flops.cpu_plan()
+    plan = device.cpu_plan()
     return plan["compile"], plan["compile_reason"]
-
-
-def compile_layers(model: Any) -> None:
-    """torch.compile every decoder layer, each compiled once with dynamic shapes (a batch's length varies) and the
-    same code reused by all layers: Inductor fuses the small ops between the matmuls that eager mode runs one by one
-    in bf16/fp32 round trips. Compiling the whole model would unroll all its layers into one graph, which takes
-    several times longer to compile. Inductor caches what it built (howto.models.compile_cache: beside the toolkit's
-    models), so later runs start in seconds."""
-    base = model.get_base_model()
-    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
-    for module in base.modules():
-        if type(module).__name__ in layer_classes:
-            module.compile(dynamic=True)
 
 
 def set_pad_token(tokenizer: Any) -> None:
@@ -513,6 +563,9 @@ def sft_config_kwargs(args: argparse.Namespace, out_dir: Path, precision: str, e
         eval_on_start=not resuming,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=min(10, max(1, epoch_steps // 4)), report_to=args.report_to,
+        # A NaN or infinite loss is logged as it is, for the divergence guard; transformers' default logs the mean
+        # of the finite ones in its place, and a diverged run looks fine until its adapter is all NaN.
+        logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding",
         max_length=args.max_seq_length, packing=args.packing, completion_only_loss=True,
         train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding, same loss mask
@@ -543,7 +596,7 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     if args.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
     trainer_class = (SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else
-                     cpu_sft_trainer(bool(args.compile)))
+                     device.cpu_sft_trainer(bool(args.compile)))
     trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=val,
                             processing_class=tokenizer, callbacks=callbacks)
     # transformers' own bar, or its log-dict printer where its logger is quieter than warnings (howto.models)
@@ -552,48 +605,21 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     return trainer
 
 
-def cpu_sft_trainer(compiled: bool) -> type:
-    """SFTTrainer whose loss is computed, as TRL's fused LM head computes it, on the answer positions alone.
+def divergence_guard() -> Any:
+    """A Trainer callback that stops training as soon as a log entry shows it diverged (trainlog.divergence), before
+    that step's checkpoint is saved; `reason` says why, None while training is sound."""
+    from transformers import TrainerCallback
 
-    TRL 1.x projects through the LM head only the positions whose next token has a label, in a fused kernel that is
-    Triton's, which has no CPU backend; Unsloth's CPU fallback routes it to a CPU kernel, the plain hf engine on a
-    CPU needs this instead. The prompt's positions (about half of the loop's) then cost no LM head and no
-    log-softmax over the vocabulary; with `compiled` the cross-entropy is compiled too, so its float32 logits are
-    never written out whole.
-    """
-    import torch
-    import torch.nn.functional as F
-    from transformers import Trainer
-    from trl import SFTTrainer
+    class DivergenceGuard(TrainerCallback):
+        reason: str | None = None
 
-    def summed_cross_entropy(hidden: Any, weight: Any, targets: Any) -> Any:
-        return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            self.reason = self.reason or trainlog.divergence(state.log_history[-1], state.log_history)
+            if self.reason:
+                control.should_training_stop = True
+                control.should_save = False
 
-    head_loss = torch.compile(summed_cross_entropy, dynamic=True) if compiled else summed_cross_entropy
-
-    class CPUSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            # The logits asked for, or a model wrapped for several processes (DDP), whose own forward prepares the
-            # gradients' all-reduce: the model's own forward over every position
-            if return_outputs or model is not self.accelerator.unwrap_model(model):
-                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            causal_lm = model.get_base_model()
-            targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
-            answer = targets != -100
-            # accelerate's mixed precision wraps the model's own forward, which this bypasses: without it the fp32
-            # LoRA weights would pull their matmuls to fp32
-            with self.accelerator.autocast():
-                hidden = causal_lm.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-                loss = head_loss(hidden[:, :-1][answer], causal_lm.get_output_embeddings().weight, targets[answer])
-            loss = loss / (answer.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
-            return loss
-
-    return CPUSFTTrainer
-
+    return DivergenceGuard()
 
 
 # ------------------------------------------------------------------------------------------------ One training run
@@ -659,13 +685,15 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
         raise RunError(f"{out_dir / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to continue "
                        "it, or choose another --out")
 
-    precision, why = choose_precision(args.engine) if torch.cuda.is_available() else flops.cpu_precision()
+    precision, why = choose_precision(args.engine) if torch.cuda.is_available() else device.cpu_precision()
     console.print(f"precision: [bold]{precision}[/] ({why})")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = load_model(args, base_path, precision)
     trainer = build_trainer(model, tokenizer, data["train"], data["val"], args, out_dir, precision,
                             resuming=checkpoint is not None)
+    guard = divergence_guard()
+    trainer.add_callback(guard)
     info = {"base_model": base_path, "model_name": args.model, "engine": args.engine, "precision": precision,
             "precision_reason": why, "general": data.get("general"), "status": "running"}
     if is_main_process():
@@ -691,6 +719,14 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
                            {**info, "status": "interrupted", "interrupted_at_step": trainer.state.global_step})
         raise SystemExit(INTERRUPTED_EXIT) from None
     wall = time.perf_counter() - start
+    if guard.reason:
+        stop_diverged(args, out_dir, data["files"], info, trainer.state, guard.reason)
+        del trainer, model
+        models.free_memory()
+        raise Diverged(f"training diverged: {guard.reason}. The learning rate is the likely cause: --lr {args.lr:g} "
+                       f"is too high for this model and data (the default is 2e-4); train again with a lower --lr "
+                       f"into another --out. No adapter was saved; {out_dir / 'checkpoints'} holds the run's "
+                       "checkpoints, the later ones diverged")
 
     state = trainer.state
     eval_time = sum(h.get("eval_runtime", 0.0) for h in state.log_history[history_before:])
@@ -727,6 +763,19 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
     return info
 
 
+def stop_diverged(args: argparse.Namespace, out_dir: Path, files: list[Path], info: dict[str, Any], state: Any,
+                  reason: str) -> None:
+    """A diverged run's record: its loss curves (null where a loss was not finite) and status, no adapter."""
+    if not is_main_process():
+        return
+    curves = trainlog.loss_curves(state.log_history)
+    write_json(out_dir / "metrics.json", {**curves, "best_val_loss": None, "best_step": None, "diverged": reason})
+    atomic_write_bytes(out_dir / "loss.png", trainlog.loss_png(curves, None))
+    write_run_info(out_dir, config_record(args), files,
+                   {**info, "status": "diverged", "diverged": reason, "global_step": state.global_step})
+    print_loss_table(state.log_history)
+
+
 def print_loss_table(history: list[dict[str, Any]]) -> None:
     """The loss table on a line of its own: TRL's live progress panel ends without a newline where the output is
     not a terminal (a log file)."""
@@ -760,6 +809,15 @@ def trial_args(args: argparse.Namespace, choice: dict[str, Any], resume: bool = 
     return argparse.Namespace(**{**vars(args), **choice, "sweep": False, "export": [], "resume": resume})
 
 
+class SweepStopped(BaseException):
+    """A trial's RunError on its way past Optuna, which would catch an Exception, log it with its traceback and mark
+    the trial failed: like Ctrl-C, it leaves the trial RUNNING in the study, so that --resume continues it."""
+
+    def __init__(self, error: RunError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer: Any, data: dict[str, Any],
               argv: list[str]) -> list[dict[str, Any]]:
     """Each trial a real run with early stopping in OUT/sweep/trial-K, chosen by Optuna: every point of the grid
@@ -781,9 +839,10 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
         sampler, size = optuna.samplers.GridSampler(space, seed=args.seed), math.prod(map(len, space.values()))
     study = optuna.create_study(study_name="finetune", storage=f"sqlite:///{db.resolve()}", load_if_exists=True,
                                 direction="minimize", sampler=sampler)
-    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     for t in finished:
-        console.print(f"trial {t.user_attrs['folder']}: finished earlier, best val loss {t.value:.4f}")
+        console.print(f"trial {t.user_attrs['folder']}: finished earlier, " + (
+            f"best val loss {t.value:.4f}" if t.state == TrialState.COMPLETE else t.user_attrs.get("diverged", "")))
     # A trial whose process was stopped stays RUNNING in the study: its choice runs again in its folder, from its
     # last checkpoint (the grid returns to every unfinished point by itself; TPE is handed the choice again).
     interrupted = {tuple(t.params[k] for k in TRIAL_KEYS): t.user_attrs["folder"] for t in study.trials
@@ -805,13 +864,25 @@ def run_sweep(args: argparse.Namespace, out_dir: Path, base_path: str, tokenizer
         trial_dir = sweep_dir / f"trial-{folder}"
         console.rule(f"trial {folder}: " + ", ".join(f"{k}={v}" for k, v in choice.items()))
         resume = args.resume and last_checkpoint(trial_dir) is not None
-        info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        try:
+            info = train_once(trial_args(args, choice, resume), trial_dir, base_path, tokenizer, data, argv)
+        except Diverged as e:  # a rate of the grid too high: this trial ends, the sweep goes on
+            console.print(f"trial {folder}: {e}", style="yellow", markup=False, highlight=False)
+            trial.set_user_attr("diverged", f"diverged at lr {choice['lr']:g}")
+            raise optuna.TrialPruned(str(e)) from None
+        except RunError as e:
+            raise SweepStopped(e) from None
         trial.set_user_attr("result", {**choice, "trial": folder, **info})
         return info["best_val_loss"]
 
-    study.optimize(objective, n_trials=max(0, size - len(finished)))
+    try:
+        study.optimize(objective, n_trials=max(0, size - len(finished)))
+    except SweepStopped as stopped:
+        raise stopped.error from None
     ranked = sorted((t.user_attrs["result"] for t in study.trials if t.state == TrialState.COMPLETE),
                     key=lambda r: r["best_val_loss"])
+    if not ranked:
+        raise RunError(f"every trial of the sweep diverged (see {sweep_dir}): lower --sweep-lr")
     if is_main_process():
         write_sweep_results(ranked, sweep_dir)
         best = {k: v for k, v in config_record(trial_args(args, {k: ranked[0][k] for k in TRIAL_KEYS})).items()
@@ -868,4 +939,4 @@ def export(args: argparse.Namespace, base_path: str, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -48,9 +48,10 @@ from howto.llm import ChatClient, LLMError
 from howto.pii import PLACEHOLDER_RE, name_detection_available, redact_record
 from howto.prepare_report import MAX_LISTED, plot_distributions, print_summary, render_report
 from howto.records import SUFFIXES, Raw, RecordError, read_records, to_record
+from howto import runtime
 from howto.review import write_review
 from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, library_versions, parse_args,
-                         positive_int, write_json, write_jsonl, write_run_info)
+                         positive_int, run_script, write_json, write_jsonl, write_run_info)
 
 SPLITS = ("train", "val", "test")
 OUTPUTS = ("train.jsonl", "val.jsonl", "test.jsonl", "stats.json", "report.md", "distributions.png", "config.yaml",
@@ -61,6 +62,7 @@ console = Console(stderr=True)  # progress bars and messages; the summary table 
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()
     args = parse(argv)
     clock = Stopwatch()
     try:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         files = find_input_files(args.inputs, out)
         llm = ChatClient.from_settings(args.augment_url, args.augment_model, key_env=args.augment_key_env) \
             if args.extract_llm else None
-        collection = collect_inputs(files, llm, args.extract_llm_max_requests)
+        collection = collect_inputs(files, llm, args.extract_llm_max_requests, args.product, args.category)
         raws = clock.lap("load", load_inputs(files, collection))
         items, skipped, unknown = clock.lap("validate", validate(raws, args.skip_invalid))
         pii = clock.lap("redact", redact_items(items))
@@ -100,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- settings
+def sibling_parsers() -> list[argparse.ArgumentParser]:
+    """The other two scripts' parsers: a top-level key of a --config file that one of them has is meant for it."""
+    import evaluate
+    import finetune
+
+    return [evaluate.build_parser(), finetune.build_parser()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Validate, redact, normalise, deduplicate, report on, tokenize and split how-to records.")
@@ -148,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send prose sections and chats that the rules find no steps in to the --augment-url LLM")
     p.add_argument("--extract-llm-max-requests", type=int, default=50, metavar="N",
                    help="most chat requests LLM extraction may make (default: %(default)s)")
+    p.add_argument("--product", default="", metavar="NAME",
+                   help="the product the raw pages document, named in their questions (\"How do I ... in NAME?\"); "
+                        "default: the name the page gives (its site name, or a title such as \"NAME Help Centre\")")
+    p.add_argument("--category", default="", metavar="NAME",
+                   help="category of the records collected from raw sources (default: the product's name, else "
+                        "the name of the file's folder)")
     p.add_argument("--review", metavar="DIR",
                    help="stop after extraction and redaction and write a Label Studio config and tasks and an "
                         "editable review.jsonl/review.csv sheet to DIR")
@@ -167,7 +183,7 @@ def split_ratios(text: str) -> tuple[float, float, float]:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Flags and --config, through the same checks."""
     parser = build_parser()
-    args = parse_args(parser, argv, section="prepare_data")
+    args = parse_args(parser, argv, section="prepare_data", siblings=sibling_parsers)
     if not args.inputs:
         parser.error("give at least one INPUT file or folder")
     if not 0 < args.near_dup_threshold <= 1:
@@ -302,11 +318,18 @@ def redact_items(items: list[Item]) -> dict[str, Any]:
 
 _APOSTROPHE = re.compile(r"(?<=\w)['\u2019](?=\w)")  # don't -> dont: one word, as a user types it
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
+# Never text, whatever --keep-punctuation says: terminal escape sequences (ESC [ 31 m) and C0 and C1 controls (NUL,
+# ESC; tab and line breaks are whitespace, collapsed anyway) become spaces, and the invisible characters that
+# reorder or hide text (bidi embeddings, overrides, isolates and marks, zero-width space, BOM: "Trojan Source") go.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")
+_INVISIBLE = re.compile("[\u061c\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
 def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
-    """Lowercase, strip punctuation (apostrophes inside words are dropped, other marks become spaces) and collapse
-    whitespace; placeholders such as [EMAIL] are kept as they are, since the model must learn them verbatim."""
+    """Drop control and bidi characters, lowercase, strip punctuation (apostrophes inside words are dropped, other
+    marks become spaces) and collapse whitespace; placeholders such as [EMAIL] are kept as they are, since the model
+    must learn them verbatim."""
+    text = _INVISIBLE.sub("", _CONTROL.sub(" ", text))
     pieces, last = [], 0
     for match in PLACEHOLDER_RE.finditer(text) if "[" in text else ():
         pieces += [_normalize_piece(text[last:match.start()], lowercase, strip_punctuation), match.group()]
@@ -629,4 +652,4 @@ def output_record(record: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

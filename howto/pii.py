@@ -293,13 +293,16 @@ def redact(text: str) -> tuple[str, Counter]:
 
 
 def redact_record(record: dict) -> tuple[dict, Counter]:
-    """A copy of the record with its prompt and every step redacted; other fields are kept as they are."""
+    """A copy of the record with its prompt, every step and its passage (the page text it was collected from)
+    redacted; other fields are kept as they are."""
     counts: Counter = Counter()
     out = dict(record)
     if isinstance(record.get("prompt"), str):
         out["prompt"], found = redact(record["prompt"])
         if found:  # most texts have nothing to count, and adding an empty Counter costs as much as a full one
             counts += found
+    if isinstance(record.get("passage"), str):  # shown to reviewers, never trained on: redacted, not counted
+        out["passage"] = redact(record["passage"])[0]
     if isinstance(record.get("response"), list):
         out["response"] = []
         for step in record["response"]:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from howto.collect import collected_section
-from howto.runio import figure_png, markdown_table, pyplot
+from howto.runio import figure_png, markdown_code, markdown_table, markdown_text, pyplot
 
 MAX_LISTED = 200  # entries per list in stats.json and report.md; counts are always complete
 
@@ -44,16 +44,20 @@ def plot_distributions(records: list[dict[str, Any]], lengths: list[int], stats:
 
 
 def render_report(stats: dict[str, Any]) -> str:
-    """report.md: the same facts as stats.json, for a person."""
+    """report.md: the same facts as stats.json, for a person. Everything taken from the data (file names, prompts,
+    categories, messages quoting records) goes through markdown_text or markdown_code, so HTML in it is shown, not
+    rendered."""
+    t = markdown_text
     v, pii, dedup, bal, tok = stats["validation"], stats["pii"], stats["dedup"], stats["balance"], stats["tokens"]
     lines = ["# Data preparation report", "", "## Inputs", ""]
-    lines += [f"- `{f['file']}`: {f['records']} records" for f in stats["inputs"]]
+    lines += [f"- {markdown_code(f['file'])}: {f['records']} records" for f in stats["inputs"]]
     lines += collected_section(stats.get("collected"))
     lines += ["", "## Validation", "", f"- records read: {v['records_read']}, valid: {v['valid']}, "
               f"skipped: {v['skipped_count']}"]
     if v["unknown_fields"]:
-        lines.append("- unknown fields, ignored: " + ", ".join(f"`{k}` ({n})" for k, n in v["unknown_fields"].items()))
-    lines += [f"- skipped: {e}".replace("\n", " ") for e in v["skipped"]]
+        lines.append("- unknown fields, ignored: " + ", ".join(f"{markdown_code(k)} ({n})"
+                                                               for k, n in v["unknown_fields"].items()))
+    lines += [f"- skipped: {t(e)}".replace("\n", " ") for e in v["skipped"]]
     lines += ["", "## Sensitive information", "",
               f"- placeholders inserted: {pii['total']} in {pii['records_with_pii']} records"]
     lines += [f"- `[{kind}]`: {n}" for kind, n in pii["replaced"].items()]
@@ -61,9 +65,9 @@ def render_report(stats: dict[str, Any]) -> str:
     n = stats["normalisation"]
     lines += ["", "## Normalisation", "", f"- lowercase: {n['lowercase']}, punctuation stripped: "
               f"{n['strip_punctuation']}, whitespace collapsed, placeholders kept"]
-    lines += [f"- dropped: {d}" for d in n["dropped"]] + [f"- {d}" for d in n["steps_removed"]]
+    lines += [f"- dropped: {t(d)}" for d in n["dropped"]] + [f"- {t(d)}" for d in n["steps_removed"]]
     lines += ["", "## Duplicates", "", f"- exact duplicates removed: {dedup['exact_duplicates_removed']}"]
-    lines += [f"  - {d['removed']} (same as {d['kept']})" for d in dedup["exact_duplicates"]]
+    lines += [f"  - {t(d['removed'])} (same as {t(d['kept'])})" for d in dedup["exact_duplicates"]]
     lines.append(f"- near-duplicate groups (Jaccard >= {dedup['near_duplicate_threshold']}): "
                  f"{dedup['near_duplicate_groups']} groups, {dedup['records_in_near_duplicate_groups']} records, "
                  "each group kept whole in one split")
@@ -71,11 +75,11 @@ def render_report(stats: dict[str, Any]) -> str:
                  f"{dedup['near_copy_threshold']}) or the same answer: {dedup['groups_joined_by_near_copies']}; "
                  f"largest split unit: {dedup['largest_split_unit']} records")
     for group in dedup["groups"]:
-        lines.append("  - " + " | ".join(f"\"{m['prompt']}\" ({m['origin']})" for m in group))
+        lines.append("  - " + " | ".join(f"\"{t(m['prompt'])}\" ({t(m['origin'])})" for m in group))
     lines += ["", "## Balance and diversity", "",
               markdown_table(["category", "records", "thin"],
                              [[c, k, "yes" if c in bal["thin"] else ""] for c, k in bal["categories"].items()]),
-              "", f"- thin threshold: {bal['thin_threshold']} records; thin: {', '.join(bal['thin']) or 'none'}",
+              "", f"- thin threshold: {bal['thin_threshold']} records; thin: {t(', '.join(bal['thin']) or 'none')}",
               f"- distinct-1 of prompts: {bal['distinct_1']}, distinct-2: {bal['distinct_2']}",
               f"- steps per record: {fmt_dist(bal['steps_per_record'])}",
               f"- prompt words: {fmt_dist(bal['prompt_words'])}",
@@ -86,13 +90,13 @@ def render_report(stats: dict[str, Any]) -> str:
                   f"malformed answers: {a['malformed_answers']}",
                   f"- records returned: {a['returned']}, valid: {a['valid']}, added after deduplication: "
                   f"{a['added']}, placeholders inserted: {sum(a['pii_replaced'].values())}"]
-        lines += [f"- `{c}`: wanted {k['wanted']}, new {k['new']}, paraphrases {k['paraphrases']}"
+        lines += [f"- {markdown_code(c)}: wanted {k['wanted']}, new {k['new']}, paraphrases {k['paraphrases']}"
                   for c, k in a["per_category"].items()]
-        lines += [f"- rejected: {e}" for e in a["rejected"][:MAX_LISTED]]
-    lines += ["", "## Tokens", "", f"- tokenizer: `{tok['model']}`, canonical chat format",
+        lines += [f"- rejected: {t(e)}".replace("\n", " ") for e in a["rejected"][:MAX_LISTED]]
+    lines += ["", "## Tokens", "", f"- tokenizer: {markdown_code(tok['model'])}, canonical chat format",
               f"- length: max {tok['max']}, p95 {tok['p95']}, mean {tok['mean']}",
               f"- over {tok['max_seq_length']} tokens: {tok['over_limit']} ({tok['overlong_action']})"]
-    lines += [f"  - {o['origin']}: {o['tokens']} tokens, {o['action']}" for o in tok["overlong"]]
+    lines += [f"  - {t(o['origin'])}: {o['tokens']} tokens, {o['action']}" for o in tok["overlong"]]
     lines += ["", "## Records dropped", ""] + [f"- {reason}: {k}" for reason, k in stats["dropped"].items()]
     lines += ["", "## Split", "", f"seed {stats['settings']['seed']}, fractions {stats['settings']['split']}, "
               "stratified by category", "",

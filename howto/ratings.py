@@ -14,11 +14,13 @@ Wilcoxon signed-rank p-value. Agreement between raters is Krippendorff's alpha a
 from __future__ import annotations
 
 import csv
-import html
+import hashlib
 import io
 import json
 import random
 import re
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -257,198 +259,223 @@ def judge_outputs(examples: list[dict[str, Any]], client: ChatClient, seed: int 
 # ---------------------------------------------------------------------------------------------------------------------
 
 SCORE_COLUMNS = [f"{label}_{criterion}" for label in "AB" for criterion in CRITERIA]
-SHEET_COLUMNS = ["item_id", "prompt", "reference", "output_A", "output_B", *SCORE_COLUMNS, "rater"]
-
-_SHEET_SCRIPT = r"""
-function csvField(value) {
-  const text = value === undefined || value === null ? "" : String(value);
-  return /[",\r\n]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
-}
-function buildCsv(data, values, rater) {
-  const lines = [data.columns.map(csvField).join(",")];
-  for (const row of data.rows) {
-    const cells = data.columns.map(column =>
-      column === "rater" ? rater : (column in row ? row[column] : (values[row.item_id + "|" + column] || "")));
-    lines.push(cells.map(csvField).join(","));
-  }
-  return lines.join("\n") + "\n";
-}
-function checkedValues() {
-  const values = {};
-  for (const input of document.querySelectorAll("input[type=radio]:checked")) values[input.name] = input.value;
-  return values;
-}
-function download() {
-  const rater = document.getElementById("rater").value.trim();
-  if (!rater) { alert("Please enter your name first."); return; }
-  const values = checkedValues();
-  const expected = DATA.rows.length * DATA.score_columns.length;
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(new Blob([buildCsv(DATA, values, rater)], {type: "text/csv;charset=utf-8"}));
-  link.download = "ratings_" + rater.replace(/[^A-Za-z0-9_-]+/g, "_") + ".csv";
-  document.body.appendChild(link);
-  link.click();
-  link.remove();
-  document.getElementById("status").textContent =
-    Object.keys(values).length + " of " + expected + " scores given; unrated ones are left empty.";
-}
-const DATA = JSON.parse(document.getElementById("sheet-data").textContent);
-document.getElementById("download").addEventListener("click", download);
-"""
-
-_SHEET_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-.card { border: 1px solid #ccc; border-radius: 8px; padding: 1rem 1.5rem; margin: 1.5rem 0; }
-.outputs { display: grid; grid-template-columns: 1fr 1fr; gap: 1.5rem; }
-.reference { background: #f6f6f6; padding: .5rem 1rem; border-radius: 6px; }
-fieldset { border: 0; padding: .2rem 0; } legend { font-weight: 600; }
-label { margin-right: .8rem; } .rubric td { vertical-align: top; padding: .2rem .5rem; }
-#bar { position: sticky; bottom: 0; background: #fff; padding: 1rem 0; border-top: 1px solid #ccc; }
-"""
+SHEET_COLUMNS = ["item_id", "prompt", "reference", "output_A", "output_B", *SCORE_COLUMNS, "rater", "sheet_id",
+                 "key_hash"]
+KEY_FILE = "rating_key.json"
+SHEET_FILE = "rating_sheet.csv"
 
 
-def _steps_html(steps: list[str]) -> str:
-    if not steps:
-        return "<p><em>(no steps)</em></p>"
-    return "<ol>" + "".join(f"<li>{html.escape(step)}</li>" for step in steps) + "</ol>"
+@dataclass(frozen=True)
+class RatingKey:
+    """Which system is A and which is B on each item of one sheet, and the sheet's id and hash.
 
-
-def _rubric_html() -> str:
-    rows = []
-    for criterion, anchors in RUBRIC_ANCHORS.items():
-        rows.append(f"<h3>{criterion.capitalize()}: {html.escape(anchors['question'])}</h3><table class='rubric'>")
-        rows += [f"<tr><td><b>{s}</b></td><td>{html.escape(anchors[s])}</td></tr>" for s in sorted(SCORES)[::-1]]
-        rows.append("</table>")
-    return "\n".join(rows)
-
-
-def _card_html(item_id: str, example: dict[str, Any], labels: dict[str, str]) -> str:
-    columns = []
-    for label, system in labels.items():
-        radios = "".join(
-            f"<fieldset><legend>{criterion}</legend>"
-            + "".join(f'<label><input type="radio" name="{item_id}|{label}_{criterion}" value="{s}"> {s}</label>'
-                      for s in SCORES)
-            + "</fieldset>"
-            for criterion in CRITERIA)
-        columns.append(f"<div><h3>Answer {label}</h3>{_steps_html(example['outputs'][system])}{radios}</div>")
-    return (f'<section class="card" id="{item_id}"><h2>{item_id}: {html.escape(example["prompt"])}</h2>'
-            f'<div class="reference"><h3>Reference</h3>{_steps_html(example["reference"])}</div>'
-            f'<div class="outputs">{"".join(columns)}</div></section>')
-
-
-def write_rating_sheet(examples: list[dict[str, Any]], out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Write a blinded rating sheet for people: rating_sheet.csv, rating_sheet.html and the key rating_key.json.
-
-    The two systems appear as A and B in a seeded random order per prompt; which is which is only in the key file,
-    which must not be handed to raters. The HTML form downloads a CSV with the same columns as the CSV sheet, so
-    either can be filled and read back with read_ratings.
+    The id and hash are written into every row of the sheet as well, so a filled sheet is read only with the key it
+    was written with: a key rewritten since (another seed, other answers) would unblind it backwards. The hash covers
+    the id, the assignment and a secret salt that only the key holds, so a rater cannot work the assignment out from
+    it.
     """
+    file: Path
+    sheet_id: str
+    key_hash: str
+    items: dict[str, dict[str, str]]
+    rows_sha256: str
+
+    @property
+    def systems(self) -> list[str]:
+        return sorted({s for labels in self.items.values() for s in labels.values()})
+
+
+def _key_hash(sheet_id: str, salt: str, items: dict[str, dict[str, str]]) -> str:
+    text = json.dumps({"sheet_id": sheet_id, "salt": salt, "items": items}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _rows_sha256(rows: list[dict[str, str]], items: dict[str, dict[str, str]]) -> str:
+    """What a sheet shows and how it is blinded: equal for a rerun that would write the same sheet."""
+    return hashlib.sha256(json.dumps([rows, items], sort_keys=True).encode()).hexdigest()
+
+
+def read_key(key_file: str | Path) -> RatingKey:
+    """The key of a rating sheet, checked: its items, and that its hash still matches what it holds."""
+    key_file = Path(key_file)
+    try:
+        data = json.loads(key_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise RatingsError(f"{key_file}: cannot read the rating key: {e}") from None
+    if isinstance(data, dict) and "sheet_id" not in data and "items" not in data:
+        raise RatingsError(f"{key_file}: a rating key without a sheet id (written before sheets were tied to their "
+                           "keys): nothing shows which sheet it unblinds; write a new sheet with --rating-sheet "
+                           "--force-new-sheet and rate that")
+    items = data.get("items") if isinstance(data, dict) else None
+    fields = [data.get(k) for k in ("sheet_id", "salt", "key_hash", "rows_sha256")] if isinstance(data, dict) else []
+    if not isinstance(items, dict) or not items or not all(isinstance(f, str) for f in fields) or not all(
+            isinstance(v, dict) and sorted(v) == ["A", "B"] and all(isinstance(s, str) for s in v.values())
+            for v in items.values()):
+        raise RatingsError(f"{key_file}: expected sheet_id, salt, key_hash, rows_sha256 and items: "
+                           "item_id -> {'A': system, 'B': system}")
+    sheet_id, salt, key_hash, rows_sha256 = fields
+    if _key_hash(sheet_id, salt, items) != key_hash:
+        raise RatingsError(f"{key_file}: the key's hash does not match what it holds (edited by hand?): it cannot "
+                           f"be trusted to unblind sheet {sheet_id}")
+    return RatingKey(key_file, sheet_id, key_hash, items, rows_sha256)
+
+
+def _blinded_rows(examples: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, str]], dict[str, dict[str, str]]]:
+    """The sheet's rows (question, reference, answers as A and B) and the label -> system assignment per item."""
     systems = _systems_of(examples)
     if len(systems) != 2:
         raise ValueError(f"a rating sheet compares exactly two systems, got {len(systems)}: {systems}")
-    out_dir = Path(out_dir)
     rng = random.Random(seed)
     width = max(3, len(str(len(examples))))
-    rows, key, cards = [], {}, []
+    rows, items = [], {}
     for index, example in enumerate(examples, 1):
         item_id = f"item-{index:0{width}d}"  # letters keep spreadsheets from turning the id into a number
         labels = _blind(systems, rng)
-        key[item_id] = labels
+        items[item_id] = labels
         rows.append({"item_id": item_id, "prompt": example["prompt"], "reference": render_steps(example["reference"]),
                      **{f"output_{label}": render_steps(example["outputs"][system])
                         for label, system in labels.items()}})
-        cards.append(_card_html(item_id, example, labels))
+    return rows, items
 
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SHEET_COLUMNS, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    csv_path, html_path = out_dir / "rating_sheet.csv", out_dir / "rating_sheet.html"
-    atomic_write_text(csv_path, buffer.getvalue())
-    write_json(out_dir / "rating_key.json", key)
-
-    data = json.dumps({"columns": SHEET_COLUMNS, "score_columns": SCORE_COLUMNS, "rows": rows}, ensure_ascii=False)
-    data = data.replace("<", "\\u003c")  # no "</script>" can end the data block early
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Rating sheet</title><style>{_SHEET_STYLE}</style></head>
-<body>
-<h1>Rate the answers</h1>
-<p>Each card has a how-to question, a reference answer and two answers, A and B, in random order. Rate each answer
-from 1 to 5 on correctness, completeness and clarity using the rubric below. Leave a score empty if you cannot
-judge it. When done, enter your name and download your ratings as a CSV file.</p>
-<details><summary>Rubric</summary>
-<p>{html.escape(RUBRIC_NOTE)}</p>
-{_rubric_html()}
-</details>
-{"".join(cards)}
-<div id="bar"><label>Your name <input id="rater" autocomplete="name"></label>
-<button id="download" type="button">Download ratings (CSV)</button> <span id="status"></span></div>
-<script type="application/json" id="sheet-data">{data}</script>
-<script>{_SHEET_SCRIPT}</script>
-</body></html>
-"""
-    atomic_write_text(html_path, page)
-    return csv_path, html_path
+    return buffer.getvalue()
 
 
-def _read_key(key_file: str | Path) -> dict[str, dict[str, str]]:
+def write_rating_sheet(examples: list[dict[str, Any]], out_dir: str | Path, seed: int = 0,
+                       force: bool = False) -> Path:
+    """Write a blinded rating sheet for people, rating_sheet.csv, and the key that unblinds it, rating_key.json.
+
+    The two systems appear as A and B in a seeded random order per prompt; which is which is only in the key file,
+    which must not be handed to raters. Sheet and key carry the same sheet id and key hash, which read_ratings checks.
+    A key that is already there is kept when it is for the very same sheet (a rerun with the same answers and
+    seed), even with `force`; any other key may have sheets out with raters, so it is replaced only with `force`,
+    and those sheets can then no longer be read.
+    """
+    out_dir = Path(out_dir)
+    rows, items = _blinded_rows(examples, seed)
+    key_path, csv_path = out_dir / KEY_FILE, out_dir / SHEET_FILE
+    rows_sha256 = _rows_sha256(rows, items)
+    old = None
+    if key_path.exists():
+        try:
+            old = read_key(key_path)
+        except RatingsError:
+            if not force:
+                raise
+    if old is not None and old.rows_sha256 == rows_sha256:
+        if not csv_path.exists():  # one already there may be being filled in place: left alone
+            atomic_write_text(csv_path, _csv_text([{**row, "sheet_id": old.sheet_id, "key_hash": old.key_hash}
+                                                   for row in rows]))
+        return csv_path
+    if old is not None and not force:
+        raise RatingsError(f"{key_path} unblinds sheet {old.sheet_id}, which may be out with raters; a new sheet "
+                           "(other answers or another --seed) would replace it and its filled copies could no longer "
+                           "be read. Pass --force-new-sheet to replace it anyway, or use another --out")
+    sheet_id, salt = secrets.token_hex(6), secrets.token_hex(16)
+    key_hash = _key_hash(sheet_id, salt, items)
+    write_json(key_path, {"sheet_id": sheet_id, "key_hash": key_hash, "salt": salt, "rows_sha256": rows_sha256,
+                          "items": items})
+    atomic_write_text(csv_path, _csv_text([{**row, "sheet_id": sheet_id, "key_hash": key_hash} for row in rows]))
+    return csv_path
+
+
+def read_sheet_rows(path: str | Path) -> list[dict[str, str]]:
+    """A sheet's rows as dicts of its columns (the blank sheet the rating page shows, or a filled one)."""
+    path = Path(path)
     try:
-        key = json.loads(Path(key_file).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RatingsError(f"{key_file}: cannot read the rating key: {e}") from None
-    if not isinstance(key, dict) or not all(
-            isinstance(v, dict) and sorted(v) == ["A", "B"] and all(isinstance(s, str) for s in v.values())
-            for v in key.values()):
-        raise RatingsError(f"{key_file}: expected item_id -> {{'A': system, 'B': system}}")
-    return key
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheet programs add a BOM
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise RatingsError(f"{path}: not UTF-8 text (byte {e.start}); save the sheet as CSV in UTF-8") from None
+    except OSError as e:
+        raise RatingsError(f"{path}: cannot read the sheet: {e.strerror}") from None
+
+
+def write_filled_sheet(path: str | Path, rows: list[dict[str, str]], scores: dict[str, dict[str, int]],
+                       rater: str) -> None:
+    """A rater's sheet, written whole and atomically: the blank rows with `scores[item_id][column]` filled in and
+    every other score cell left empty, in the format read_ratings reads."""
+    filled = [{**row, **{c: str(scores.get(row["item_id"], {}).get(c, "")) for c in SCORE_COLUMNS}, "rater": rater}
+              for row in rows]
+    atomic_write_text(path, _csv_text(filled))
 
 
 _SCORE = re.compile(r"([1-5])(?:\.0*)?")
 
 
-def _read_sheet(path: Path, key: dict[str, dict[str, str]]) -> tuple[list[tuple[str, str, str, str, int | None]], int]:
-    """One filled sheet as (rater, item_id, system, criterion, score) rows, and how many score cells were empty."""
-    ratings, empty = [], 0
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheet programs add a BOM
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise RatingsError(f"{path}: the file is empty")
-        header = [h.strip() for h in header]
-        absent = [c for c in ["item_id", *SCORE_COLUMNS] if c not in header]
-        if absent:
-            raise RatingsError(f"{path}:1: missing column(s) {', '.join(absent)}")
-        column = {name: header.index(name) for name in header}
-        seen: set[tuple[str, str]] = set()
-        while True:
-            line = reader.line_num + 1  # a record may span lines (quoted newlines): report where it starts
-            row = next(reader, None)
-            if row is None:
-                break
-            if not any(cell.strip() for cell in row):
-                continue
-            row += [""] * (len(header) - len(row))
-            item_id = row[column["item_id"]].strip()
-            if item_id not in key:
-                raise RatingsError(f"{path}: line {line}: column 'item_id': {item_id!r} is not in the rating key")
-            rater = row[column["rater"]].strip() if "rater" in column else ""
-            rater = rater or path.stem
-            if (rater, item_id) in seen:
-                raise RatingsError(f"{path}: line {line}: rater {rater!r} rated {item_id} twice")
-            seen.add((rater, item_id))
-            for name in SCORE_COLUMNS:
-                label, criterion = name.split("_", 1)
-                cell = row[column[name]].strip()
-                if not cell:
-                    empty += 1
-                    ratings.append((rater, item_id, key[item_id][label], criterion, None))
+def read_filled_sheet(path: str | Path, key: RatingKey) -> list[tuple[str, str, dict[str, int | None]]]:
+    """One filled sheet as (rater, item_id, {score column: score or None}) per row, still blinded (A and B).
+
+    The sheet must be the key's own (same sheet id and key hash in every row); a score cell holds an integer 1-5 or
+    nothing. Every problem is an error naming the file, and the line and column where there is one.
+    """
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheet programs add a BOM
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise RatingsError(f"{path}: the file is empty")
+            header = [h.strip() for h in header]
+            absent = [c for c in ["item_id", *SCORE_COLUMNS, "sheet_id", "key_hash"] if c not in header]
+            if absent:
+                hint = (" (a sheet written before sheets carried the id of their key)"
+                        if absent == ["sheet_id", "key_hash"] else "")
+                raise RatingsError(f"{path}:1: missing column(s) {', '.join(absent)}{hint}")
+            column = {name: header.index(name) for name in header}
+            seen: set[tuple[str, str]] = set()
+            while True:
+                line = reader.line_num + 1  # a record may span lines (quoted newlines): report where it starts
+                row = next(reader, None)
+                if row is None:
+                    break
+                if not any(cell.strip() for cell in row):
                     continue
-                match = _SCORE.fullmatch(cell)
-                if not match:
-                    raise RatingsError(f"{path}: line {line}: column {name!r}: {cell!r} is not an integer score "
-                                       f"1-5 (item {item_id})")
-                ratings.append((rater, item_id, key[item_id][label], criterion, int(match.group(1))))
+                row += [""] * (len(header) - len(row))
+                sheet_id, key_hash = row[column["sheet_id"]].strip(), row[column["key_hash"]].strip()
+                if (sheet_id, key_hash) != (key.sheet_id, key.key_hash):
+                    raise RatingsError(
+                        f"{path}: line {line}: this row is from sheet {sheet_id or '(none)'} (key hash "
+                        f"{key_hash or '(none)'}), but {key.file} unblinds sheet {key.sheet_id} (key hash "
+                        f"{key.key_hash}): read it with the key written with its sheet (--ratings-key)")
+                item_id = row[column["item_id"]].strip()
+                if item_id not in key.items:
+                    raise RatingsError(f"{path}: line {line}: column 'item_id': {item_id!r} is not in the rating key")
+                rater = (row[column["rater"]].strip() if "rater" in column else "") or path.stem
+                if (rater, item_id) in seen:
+                    raise RatingsError(f"{path}: line {line}: rater {rater!r} rated {item_id} twice")
+                seen.add((rater, item_id))
+                scores: dict[str, int | None] = {}
+                for name in SCORE_COLUMNS:
+                    cell = row[column[name]].strip()
+                    match = _SCORE.fullmatch(cell)
+                    if cell and not match:
+                        raise RatingsError(f"{path}: line {line}: column {name!r}: {cell!r} is not an integer "
+                                           f"score 1-5 (item {item_id})")
+                    scores[name] = int(match.group(1)) if match else None
+                rows.append((rater, item_id, scores))
+    except UnicodeDecodeError as e:
+        raise RatingsError(f"{path}: not UTF-8 text (byte {e.start}); save the sheet as CSV in UTF-8") from None
+    except OSError as e:
+        raise RatingsError(f"{path}: cannot read the sheet: {e.strerror}") from None
+    return rows
+
+
+def _read_sheet(path: Path, key: RatingKey) -> tuple[list[tuple[str, str, str, str, int | None]], int]:
+    """One filled sheet unblinded as (rater, item_id, system, criterion, score) rows, and how many score cells were
+    empty."""
+    ratings, empty = [], 0
+    for rater, item_id, scores in read_filled_sheet(path, key):
+        for name, score in scores.items():
+            label, criterion = name.split("_", 1)
+            empty += score is None
+            ratings.append((rater, item_id, key.items[item_id][label], criterion, score))
     return ratings, empty
 
 
@@ -481,14 +508,15 @@ def quadratic_weighted_kappa(first: list[int], second: list[int]) -> float | Non
 def read_ratings(files: list[str | Path], key_file: str | Path, systems: list[str] | None = None) -> dict[str, Any]:
     """Read filled rating sheets (one per rater), unblind them with the key, and summarise.
 
-    A rater is named by the sheet's `rater` column, or by the file name where that is empty. A score cell must hold
-    an integer 1-5 or nothing: anything else is an error naming the file, line and column; an empty cell is a missing
-    score and is counted. Each item's score is the mean over the raters who gave one; means and bootstrap CIs are
-    over items. `systems` fixes the order for the paired difference (second minus first); by default names are
-    sorted.
+    Every sheet must carry the key's sheet id and hash. A rater is named by the sheet's `rater` column, or by the
+    file name where that is empty. A score cell must hold an integer 1-5 or nothing: anything else is an error naming
+    the file, line and column; an empty cell is a missing score and is counted, and so are the cells of an item a
+    rater's sheet leaves out (`absent_items`). Each item's score is the mean over the raters who gave one; means and
+    bootstrap CIs are over items. `systems` fixes the order for the paired difference (second minus first); by
+    default names are sorted.
     """
-    key = _read_key(key_file)
-    names = sorted({s for labels in key.values() for s in labels.values()})
+    key = read_key(key_file)
+    names = key.systems
     systems = list(systems) if systems else names
     if sorted(systems) != names:
         raise RatingsError(f"{key_file}: the key has systems {names}, not {sorted(systems)}")
@@ -500,10 +528,14 @@ def read_ratings(files: list[str | Path], key_file: str | Path, systems: list[st
     raters = list(dict.fromkeys(r[0] for r in ratings))
     if not raters:
         raise RatingsError(f"no ratings in {', '.join(str(f) for f in files) or 'no files'}")
+    # An item left off a rater's sheet (a row deleted) is missing in full, so a shortened sheet never reads complete.
+    rated = {(r[0], r[1]) for r in ratings}
+    absent = len(raters) * len(key.items) - len(rated)
+    missing += absent * len(SCORE_COLUMNS)
 
     given = {(rater, item, system, criterion): score for rater, item, system, criterion, score in ratings
              if score is not None}
-    items = list(key)
+    items = list(key.items)
     per_item = []
     for item in items:
         per_item.append({system: {criterion: _mean([given[(r, item, system, criterion)] for r in raters
@@ -524,4 +556,4 @@ def read_ratings(files: list[str | Path], key_file: str | Path, systems: list[st
 
     summary = _summarise(per_item, systems, seed=0)
     return {"raters": raters, "systems": systems, **summary, "agreement": agreement, "missing": missing,
-            "items": len(items)}
+            "absent_items": absent, "items": len(items)}

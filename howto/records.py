@@ -4,7 +4,8 @@ Every problem names the file and line (and the column of a JSON syntax error), s
 prepare_data.py reads raw inputs in all three formats; finetune.py and evaluate.py read the JSONL splits it wrote
 through `read_clean`. The reference steps are called `response` everywhere, as in the specification.
 
-A clean record: {"prompt": str, "response": [str, str, ...], "category": str[, "source": str][, "extraction": str]}.
+A clean record: {"prompt": str, "response": [str, str, ...], "category": str[, "source": str][, "extraction": str]
+[, "passage": str]}; a collected record's passage is the text of the page it came from, shown to reviewers.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from howto.runio import RunError
 SUFFIXES = (".json", ".jsonl", ".csv")
 UNCATEGORIZED = "uncategorized"
 FIELDS = {
-    "json": {"prompt", "response", "category", "source", "extraction"},
-    "alpaca": {"instruction", "input", "output", "category", "source", "extraction"},
-    "csv": {"prompt", "steps", "response", "category", "source", "extraction"},
+    "json": {"prompt", "response", "category", "source", "extraction", "passage"},
+    "alpaca": {"instruction", "input", "output", "category", "source", "extraction", "passage"},
+    "csv": {"prompt", "steps", "response", "category", "source", "extraction", "passage"},
 }
 
 
@@ -219,7 +220,9 @@ def check_steps(steps: Any, field: str, present: bool) -> list[str]:
     if not present:
         raise RecordError(field, "missing")
     if not isinstance(steps, list):
-        raise RecordError(field, f"must be an array of step strings, got {json_type(steps)}")
+        hint = " (one string holds no steps: split it, one string a step)" if isinstance(steps, str) else ""
+        raise RecordError(field, f"must be a list of steps, a JSON array of strings like [\"Open the app.\", "
+                                 f"\"Tap Settings.\"], got {json_type(steps)}{hint}")
     if not steps:
         raise RecordError(field, "empty step list")
     for k, step in enumerate(steps):
@@ -277,7 +280,8 @@ def to_record(raw: Raw) -> tuple[dict[str, Any], set[str]]:
         steps = check_steps(data.get("response"), "response", "response" in data)
     record: dict[str, Any] = {"prompt": prompt, "response": steps,
                               "category": optional_label(data, "category") or UNCATEGORIZED}
-    for label in ("source", "extraction"):  # provenance: where the record came from, how it was extracted
+    # provenance: where the record came from, how it was extracted, the text it was extracted from
+    for label in ("source", "extraction", "passage"):
         value = optional_label(data, label)
         if value:
             record[label] = value

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 
 from howto.chat import render_steps
-from howto.metrics import LOOP_DISTINCT, LOOP_MIN_STEPS, LOWER_IS_BETTER, METRICS, prompt_key
-from howto.runio import figure_png, markdown_table, pyplot
+from howto.metrics import (
+    LOOP_DISTINCT, LOOP_MIN_STEPS, LOWER_IS_BETTER, METRICS, MIN_PAIRED, TOO_FEW, prompt_key, too_few_pairs,
+)
+from howto.runio import figure_png, markdown_fence, markdown_table, markdown_text, pyplot
 
 METRIC_LABELS = {
     "bertscore_p": "BERTScore precision", "bertscore_r": "BERTScore recall", "bertscore_f1": "BERTScore F1",
@@ -20,7 +22,7 @@ METRIC_LABELS = {
 }
 RESULTS_HEADER = ("Metric", "{baseline}", "{name}", "Δ ({name} − {baseline})", "95% CI", "p (Wilcoxon)", "n paired")
 Block = tuple[Any, ...]
-Table = dict[str, dict[str, Any]]
+Rows = dict[str, dict[str, Any]]  # one system's rows (prediction and scores) keyed by prompt_key, in test order
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -38,11 +40,14 @@ def fmt_p(p: float | None) -> str:
 
 
 def fmt_delta(metric: str, comparison: dict[str, Any]) -> str:
-    """The difference with an arrow when its CI excludes zero, pointing the way that is better."""
+    """The difference with an arrow when its CI excludes zero, pointing the way that is better; none over fewer than
+    MIN_PAIRED prompts, which are too few to tell."""
     delta = comparison["delta"]
     if delta is None:
         return "n/a"
     text = f"{delta:+.3f}"
+    if too_few_pairs(comparison):
+        return f"{text} ({TOO_FEW})"
     if comparison["ci_low"] > 0 or comparison["ci_high"] < 0:
         better = (delta < 0) if metric in LOWER_IS_BETTER else (delta > 0)
         text += " ▲" if better else " ▼"
@@ -89,7 +94,7 @@ FORGETTING_HEADER = ["Measure", "n", "base", "finetuned", "Δ (finetuned − bas
 
 # ------------------------------------------------------------------------------------------------------------- plots
 
-def make_plots(tables: dict[str, Table], metrics: dict[str, Any]) -> dict[str, bytes]:
+def make_plots(tables: dict[str, Rows], metrics: dict[str, Any]) -> dict[str, bytes]:
     """PNG plots: per-example score distributions, scores by category, order accuracy by number of steps."""
     plt = pyplot()
 
@@ -160,7 +165,7 @@ PLOT_TITLES = {"distributions": "Per-example score distributions", "by_category"
                "order_by_steps": "Order accuracy by number of reference steps"}
 
 
-def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[str, bytes]) -> list[Block]:
+def build_report(metrics: dict[str, Any], tables: dict[str, Rows], plots: dict[str, bytes]) -> list[Block]:
     """The report as blocks, rendered to Markdown and HTML alike."""
     settings, names, baseline = metrics["settings"], list(tables), metrics["baseline"]
     blocks: list[Block] = [("h1", "Evaluation: " + " vs ".join(names))]
@@ -169,7 +174,7 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
                         f"{baseline}; every difference is a system minus the baseline, with a "
                         f"{settings['bootstrap']['confidence']:.0%} paired bootstrap interval "
                         f"({settings['bootstrap']['n_resamples']} resamples of prompts) and a two-sided Wilcoxon "
-                        "signed-rank p. ▲/▼: the interval excludes zero, better/worse."))
+                        f"signed-rank p. {verdict_legend(metrics)}"))
 
     if metrics.get("verdicts"):
         blocks.append(("list", [f"{name} against {baseline}: {v}" for name, v in metrics["verdicts"].items()]))
@@ -237,7 +242,7 @@ def build_report(metrics: dict[str, Any], tables: dict[str, Table], plots: dict[
     return blocks
 
 
-def looping_blocks(metrics: dict[str, Any], tables: dict[str, Table]) -> list[Block]:
+def looping_blocks(metrics: dict[str, Any], tables: dict[str, Rows]) -> list[Block]:
     """The section "Looping answers": how many per system, steps per answer against the reference's, and the worst
     answers as generated, since a loop is what a reader sees first."""
     rows = [[name, f"{sum(r['looping'] for r in table.values())} of {len(table)}",
@@ -250,6 +255,13 @@ def looping_blocks(metrics: dict[str, Any], tables: dict[str, Table]) -> list[Bl
             blocks.append(("pre", f"{name}: {ex['prompt']} ({ex['n_gen_steps']} steps, reference "
                                   f"{ex['n_ref_steps']})", ex["output"][:800]))
     return blocks
+
+
+def verdict_legend(metrics: dict[str, Any]) -> str:
+    """What the arrows mean, where a difference rests on enough paired prompts to be judged at all."""
+    too_few = f"Over fewer than {MIN_PAIRED} paired prompts no difference is judged: {TOO_FEW}."
+    judged = any(not too_few_pairs(c) for comparison in metrics["comparisons"].values() for c in comparison.values())
+    return f"▲/▼: the interval excludes zero, better/worse. {too_few}" if judged else too_few
 
 
 def settings_blocks(settings: dict[str, Any]) -> list[Block]:
@@ -316,8 +328,10 @@ def ratings_blocks(ratings: dict[str, Any]) -> list[Block]:
             blocks.append(("p", f"Judge model {result.get('judge_model')}; {result['missing']} scores missing after "
                                 f"retries; {result.get('requests')} requests."))
         else:
+            absent = result.get("absent_items")
             blocks.append(("p", f"Raters: {', '.join(result['raters'])}; {result['items']} items; "
-                                f"{result['missing']} empty score cells."))
+                                f"{result['missing']} score cells empty or missing"
+                                + (f" ({absent} items left off a rater's sheet)." if absent else ".")))
         header = ["Criterion", *(f"{s} mean [95% CI]" for s in systems)]
         paired = result.get("paired") or {}
         if paired:
@@ -338,31 +352,34 @@ def ratings_blocks(ratings: dict[str, Any]) -> list[Block]:
                             for c, a in result["agreement"].items()]))
     if ratings.get("rating_sheet"):
         sheet = ratings["rating_sheet"]
-        blocks.append(("p", f"Blinded rating sheet for people: {sheet['csv']} and {sheet['html']}; the key "
-                            f"{sheet['key']} unblinds the filled sheets (--ratings FILE...)."))
+        blocks.append(("p", f"Blinded rating sheet for people: {sheet['csv']}; the key {sheet['key']} unblinds "
+                            "the filled sheets (--ratings FILE...)."))
     return blocks
 
 
 # --------------------------------------------------------------------------------------------------------- renderers
 
 def render_markdown(blocks: list[Block], plot_dir: str) -> str:
+    """The blocks as Markdown. Prompts, outputs and system names are data: HTML in them is shown as written
+    (markdown_text), and an output in a code block cannot close it (markdown_fence)."""
+    t = markdown_text
     out = []
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + block[1])
+            out.append("#" * int(kind[1]) + " " + t(block[1]))
         elif kind == "p":
-            out.append(block[1])
+            out.append(t(block[1]))
         elif kind == "list":
-            out.append("\n".join(f"- {item}" for item in block[1]))
+            out.append("\n".join(f"- {t(item)}" for item in block[1]))
         elif kind == "table":
             out.append(markdown_table(block[1], block[2]))
         elif kind == "img":
             out.append(f"![{block[1]}]({plot_dir}/{block[1]}.png)")
         elif kind == "steps":
-            out.append(f"**{block[1]}**\n\n" + (render_steps(block[2]) if block[2] else "(no steps)"))
+            out.append(f"**{t(block[1])}**\n\n" + (t(render_steps(block[2])) if block[2] else "(no steps)"))
         elif kind == "pre":
-            out.append(f"**{block[1]}**\n\n```text\n{block[2]}\n```")
+            out.append(f"**{t(block[1])}**\n\n" + markdown_fence(block[2]))
     return "\n\n".join(out) + "\n"
 
 

@@ -6,14 +6,16 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 import yaml
 
@@ -24,19 +26,25 @@ TRACKED_PACKAGES = (
 )
 
 
-class RunError(SystemExit):
-    """A run that cannot go on (bad input, a setting that cannot work): `error: MESSAGE` on stderr, exit code 1.
-
-    A SystemExit, so a script needs no handler of its own and no traceback is printed; str() is the message
-    without the prefix. Usage errors stay argparse's (exit code 2).
-    """
+class RunError(Exception):
+    """A run that cannot go on (bad input, a setting that cannot work). An ordinary exception, so that a notebook's
+    `except Exception` catches it; at a script's edge run_script turns it into `error: MESSAGE` on stderr and exit
+    code 1, never a traceback. str() is the message. Usage errors stay argparse's (exit code 2)."""
 
     def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+        super().__init__(message)
         self.message = message
 
-    def __str__(self) -> str:
-        return self.message
+
+def run_script(main: Callable[[list[str]], Any]) -> NoReturn:
+    """A script's edge: main() on the command line's arguments, exit code 0 or the int it returns; a RunError becomes
+    one line, `error: MESSAGE`, and exit code 1."""
+    try:
+        result = main(sys.argv[1:])
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
@@ -85,10 +93,37 @@ def figure_png(fig: Any, dpi: int = 100, tight: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+# What starts raw HTML in CommonMark: a tag, a closing tag, a comment, a declaration or a processing instruction
+# (and an autolink). A `<` before anything else ("p <0.001", "a < b") is plain text already.
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def markdown_text(text: Any) -> str:
+    """Text from data (prompts, outputs, names) for Markdown outside code: `<script>` or `<img onerror=...>` in it
+    shows as written in a Markdown viewer instead of being rendered as HTML."""
+    return _HTML_START.sub("&lt;", str(text))
+
+
+def markdown_code(text: Any) -> str:
+    """Text as an inline code span, fenced by more backticks than it holds, so a backtick in it cannot end the
+    span early and let the rest be read as Markdown or HTML."""
+    text = str(text).replace("\n", " ")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def markdown_fence(text: str, info: str = "text") -> str:
+    """A fenced code block longer than any backtick run inside it, so the text cannot close it early."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence}{info}\n{text}\n{fence}"
+
+
 def markdown_table(header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> str:
-    """A GitHub Markdown table; `|` and line breaks inside cells are escaped so that a cell never breaks a row."""
+    """A GitHub Markdown table; `|` and line breaks inside cells are escaped so that a cell never breaks a row, and
+    HTML in a cell shows as written (markdown_text)."""
     def cells(row: Iterable[Any]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |"
+        return "| " + " | ".join(markdown_text(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |"
 
     header = list(header)
     return "\n".join([cells(header), "|" + "---|" * len(header), *map(cells, rows)])
@@ -149,12 +184,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_finite(obj: Any, path: str | Path, where: str = "") -> None:
+    """Refuse NaN and infinity before they reach a JSON file: Python's json writes them as bare `NaN`/`Infinity`,
+    which is not JSON, and every other reader rejects the file. A value that is legitimately undefined is written as
+    null by its caller; one that gets here is a mistake, named with its key."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise RunError(f"{path}: not written: {where or 'the value'} is {obj}, which JSON cannot hold "
+                       "(a bug: please report it)")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            check_finite(value, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            check_finite(value, path, f"{where}[{index}]")
+
+
+def json_line(obj: Any, path: str | Path) -> str:
+    """One JSONL line of `obj`, for a file at `path` (check_finite)."""
+    check_finite(obj, path)
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
+    check_finite(obj, path)
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True, default=str) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json_line(r, path) for r in rows))
 
 
 def hash_files(paths: Iterable[str | Path]) -> str:
@@ -207,22 +264,28 @@ def write_run_info(out_dir: str | Path, config: dict[str, Any], data_files: Iter
     })
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-               section: str | None = None) -> argparse.Namespace:
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--config FILE` flag every script has; parse_args adds it, and so does the flag reference."""
+    parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, section: str | None = None,
+               siblings: Callable[[], Iterable[argparse.ArgumentParser]] | None = None) -> argparse.Namespace:
     """Parse flags with an optional `--config run.yaml` whose keys set the defaults; flags given win.
 
     Keys are flag names with dashes or underscores (`learning_rate` or `learning-rate`). One file can serve a whole
     run: top-level keys (`model`, `seed`...) apply to every script that has such a flag, and a mapping named after a
     script (`prepare_data:`, `finetune:`, `evaluate:`) applies to that script alone and wins. A config value goes
     through the same conversion and checks as the flag on the command line (types, choices, `"no"` for a switch),
-    and a key that names no flag of any script is an error, so a typo never goes unnoticed.
+    and a key that names no flag of any script is an error, so a typo never goes unnoticed. `siblings` gives the
+    other scripts' parsers (the script passes them: this module never imports the scripts).
     """
-    parser.add_argument("--config", help="YAML file of settings for the whole run; flags given override it")
+    add_config_argument(parser)
     config_only = argparse.ArgumentParser(add_help=False)
     config_only.add_argument("--config")
     pre, _ = config_only.parse_known_args(argv)
     if pre.config:
-        defaults = config_defaults(parser, Path(pre.config), section)
+        defaults = config_defaults(parser, Path(pre.config), section, siblings)
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a required flag is satisfied by the config
             if action.dest in defaults:
@@ -234,12 +297,42 @@ SCRIPTS = ("prepare_data", "finetune", "evaluate")
 TRUE_WORDS, FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
-def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | None) -> dict[str, Any]:
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: `*name` repeats the node it names, so a few lines of aliases of aliases
+    (a "billion laughs") stand for billions of values, which hang whatever walks or prints them. A settings file
+    never needs one; an alias is refused where it stands."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML alias *{event.anchor} is not accepted here (aliases can stand for billions of "
+                            "values); write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as plain data (no Python objects, no aliases): every YAML file or front matter the toolkit reads."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
+def yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """A YAML error in one line: `file:line:column: problem`."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"{path}: {e}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: {e.problem}"
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | None,
+                    siblings: Callable[[], Iterable[argparse.ArgumentParser]] | None = None) -> dict[str, Any]:
     """The settings of a YAML config that apply to this parser's script, converted and checked as flags are."""
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
+        loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
         parser.error(f"--config {path}: {e}")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {yaml_error(path, e)}")
     if not isinstance(loaded, dict):
         parser.error(f"--config {path}: expected a mapping of setting: value")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -252,7 +345,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | 
         dest = str(key).replace("-", "_")
         if dest in actions:
             settings[dest] = value
-        elif dest != "config" and dest not in other_scripts_settings(section):
+        elif dest != "config" and dest not in sibling_settings(siblings):
             parser.error(f"--config {path}: unknown setting {key!r} (no script has such a flag)")
     for key, value in (loaded.get(section) or {}).items() if section else ():
         dest = str(key).replace("-", "_")
@@ -265,15 +358,9 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path, section: str | 
         parser.error(f"--config {path}: {e}")
 
 
-def other_scripts_settings(section: str | None) -> set[str]:
-    """Settings of the scripts other than `section`: a top-level key any of them has is meant for that one."""
-    import importlib
-
-    names: set[str] = set()
-    for script in SCRIPTS:
-        if script != section:
-            names |= {a.dest for a in importlib.import_module(script).build_parser()._actions}
-    return names
+def sibling_settings(siblings: Callable[[], Iterable[argparse.ArgumentParser]] | None) -> set[str]:
+    """The other scripts' settings: a top-level key any of them has is meant for that one."""
+    return {a.dest for parser in (siblings() if siblings else ()) for a in parser._actions}
 
 
 def convert(parser: argparse.ArgumentParser, action: argparse.Action, value: Any) -> Any:

@@ -1,16 +1,21 @@
-"""Shared fixtures: the tiny test model and the real tokenizers, built once per machine and cached."""
+"""Shared fixtures: the tiny test model and the real tokenizers, built once per machine and cached. The repository's
+root is on the import path through pytest.ini (`pythonpath = .`), for the three scripts."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The process set up as the scripts set theirs up (howto.runtime.setup: OpenMP's wait policy before torch loads,
+    torch.compile's cache beside the models, quiet libraries), since the tests call the scripts' functions in this
+    process; and no test waits on the Hugging Face hub."""
+    from howto import runtime
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runtime.setup()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -123,20 +124,22 @@ def test_html_main_content_only_with_labels_verbatim(tmp_path):
     records, report = collect_file(write(tmp_path / "help.html", HELP_PAGE))
     got = by_prompt(records)
     assert got == {
-        "How do I cancel an order?": ["Open the app and sign in.", "Go to Account > Orders.", "Tap the order.",
-                                      "Tap Cancel order, then Confirm."],
-        "How do I reset my password?": ["On the sign-in screen, tap Forgot password?", "Enter your email.",
-                                        "Follow the link in the email."],
-        "How do I return an item?": ["Open Account > Orders.", "Tap Return.", "Print the label."],
+        "How do I cancel an order in ShopNow?": ["Open the app and sign in.", "Go to Account > Orders.",
+                                                 "Tap the order.", "Tap Cancel order, then Confirm."],
+        "How do I reset my password in ShopNow?": ["On the sign-in screen, tap Forgot password?",
+                                                   "Enter your email.", "Follow the link in the email."],
+        "How do I return an item in ShopNow?": ["Open Account > Orders.", "Tap Return.", "Print the label."],
     }
     # navigation, sidebar, footer, scripts, feature lists, tables and prose answers never become records
-    text = json.dumps(records)
+    text = json.dumps([[r["prompt"], r["response"]] for r in records])
     for trap in ("Home", "Track a parcel", "Privacy", "not a step", "Free delivery", "Standard", "cards and PayLite",
                  "Shipped orders", "refund", "Returns are free", "Note"):
         assert trap not in text
     assert records[0]["source"] == f"{tmp_path / 'help.html'}#cancel"
     assert records[2]["source"] == f"{tmp_path / 'help.html'}#return-an-item"
-    assert {r["extraction"] for r in records} == {"rules"}
+    assert {r["extraction"] for r in records} == {"rules"} and {r["category"] for r in records} == {"shopnow"}
+    assert records[0]["passage"].startswith("Cancel an order\n\nYou can cancel until the order ships.\n\n1. Open")
+    assert "Shipped orders cannot be cancelled" in records[0]["passage"]  # as the page shows it, sub-bullets too
     assert report.found == 3
     reasons = [s.split(": ", 1)[1] for s in report.skipped]
     assert "#features: no steps (bulleted list)" in reasons and "#fees: no steps (table)" in reasons
@@ -160,10 +163,11 @@ def test_markdown_front_matter_shortcodes_and_nested_steps(tmp_path):
     records, report = collect_file(write(tmp_path / "manual.md", MANUAL))
     got = by_prompt(records)
     assert got["How do I use PayLite manual?"] == ["Unzip the archive.", "Run the installer."]  # before any heading
-    assert got["How do I freeze my card?"] == [
+    assert got["How do I freeze my card in PayLite?"] == [
         "Tap Cards.", "On your phone: Open Settings. Tap Security.", "Select the card.", "Tap Freeze."]
-    assert got["How do I freeze a card for a business account?"] == ["Open Business > Cards.", "Tap Freeze all."]
-    assert got["How do I send money?"] == ["Tap Transfers.", "Tap New."]  # a numbered list under a bullet
+    assert got["How do I freeze a card for a business account in PayLite?"] == ["Open Business > Cards.",
+                                                                                "Tap Freeze all."]
+    assert got["How do I send money in PayLite?"] == ["Tap Transfers.", "Tap New."]  # a numbered list under a bullet
     assert len(records) == 4  # the bulleted "Account types" list and its numbered facts, and the table, are not
     assert records[1]["source"].endswith("manual.md#freeze-a-card")
     assert not any("{{" in s or "paylite freeze" in s or "blue border" in s for r in records for s in r["response"])
@@ -173,9 +177,15 @@ def test_markdown_front_matter_shortcodes_and_nested_steps(tmp_path):
     ("Cancel an order", "", "How do I cancel an order?"),
     ("How to export your data", "", "How do I export your data?"),
     ("Can I pay cash?", "", "Can I pay cash?"),
-    ("For a group", "How do I create templates?", "How do I create templates for a group?"),
-    ("Clearing the cache", "", "How do I go about clearing the cache?"),
+    ("For a group", "Create templates", "How do I create templates for a group?"),
+    ("Clearing the cache", "", "How do I clear the cache?"),
+    ("Troubleshooting", "", "How do I go about troubleshooting?"),
     ("SSH keys", "", "How do I use SSH keys?"),
+    ("Unstar all messages", "", "How do I unstar all messages?"),
+    ("Export of public data", "", "How do I export public data?"),
+    ("You don't have the app installed", "", "What do I do if I don't have the app installed?"),
+    ("Forgotten password", "", "What do I do about a forgotten password?"),
+    ("Homebrew", "Install the app", "How do I install the app with Homebrew?"),
 ])
 def test_headings_become_questions(heading, parent, question):
     assert heading_question(heading, parent) == question
@@ -255,7 +265,10 @@ def test_llm_reads_what_the_rules_cannot_and_sees_no_sensitive_text(tmp_path):
         records, report = collect_file(write(tmp_path / "prose.html", prose), client, max_llm_requests=5)
         assert records == [{"prompt": "How do I update my billing email?",
                             "response": ["Open the billing page.", "Change the address.", "Save it."],
-                            "source": f"{tmp_path / 'prose.html'}#update-your-billing-email", "extraction": "llm"}]
+                            "category": tmp_path.name.lower(), "extraction": "llm",
+                            "source": f"{tmp_path / 'prose.html'}#update-your-billing-email",
+                            "passage": records[0]["passage"]}]
+        assert records[0]["passage"].startswith("Open the billing page from the account menu")
         sent = received[0]["body"]["messages"][1]["content"]
         assert "billing page" in sent and "jane.doe@example.com" not in sent and "[EMAIL]" in sent
         chats = write(tmp_path / "chats.jsonl", json.dumps(CHATS[1]) + "\n")
@@ -293,12 +306,12 @@ def write_pdf(path: Path, pages: list[list[str]]) -> Path:
 def test_sample_raw_sources_give_records(tmp_path):
     collection = collect_inputs(sorted((ROOT / "data" / "raw").iterdir()))
     prompts = [r["prompt"] for _, _, r in collection.records]
-    assert "How do I cancel an order?" in prompts and "How do I freeze a lost card?" in prompts
+    assert "How do I cancel an order in ShopNow?" in prompts and "How do I freeze a lost card in PayLite?" in prompts
     assert len(collection.report["files"]) == 3 and all(f["procedures"] >= 2 for f in collection.report["files"])
 
 
 def test_prepare_data_extracts_with_the_llm_through_its_flags(tmp_path, monkeypatch):
-    import prepare_data as pd
+    import prepare_data
 
     pages = tmp_path / "pages"
     pages.mkdir()
@@ -311,11 +324,12 @@ def test_prepare_data_extracts_with_the_llm_through_its_flags(tmp_path, monkeypa
     with chat_server(lambda body: answer if "Language" in body["messages"][1]["content"] else '{"records": []}'
                      ) as (url, received):
         out = tmp_path / "out"
-        assert pd.main([str(pages), "--out", str(out), "--keep-case", "--keep-punctuation", "--extract-llm",
+        assert prepare_data.main([str(pages), "--out", str(out), "--keep-case", "--keep-punctuation", "--extract-llm",
                         "--augment-url", url, "--augment-model", "m", "--augment-key-env", "EXTRACT_KEY",
                         "--extract-llm-max-requests", "10"]) == 0
     assert 2 <= len(received) < 10 and received[0]["authorization"] == "Bearer sk-test-not-logged"
-    records = [json.loads(line) for name in pd.SPLITS for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for name in prepare_data.SPLITS
+               for line in (out / f"{name}.jsonl").read_text().splitlines()]
     llm = [r for r in records if r["extraction"] == "llm"]
     assert [r["source"] for r in llm] == [f"{pages / 'prose.md'}#change-the-language"]
     assert len(records) == 4 and {r["extraction"] for r in records} == {"llm", "rules"}
@@ -337,3 +351,235 @@ def test_unreadable_raw_sources_are_one_line_errors(tmp_path):
         with pytest.raises(RunError, match=message) as error:
             collect_inputs([path])
         assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+TABBED_PAGE = """<html><head><title>Messages | Zulip help center</title></head><body><main>
+<h2 id="edit">Edit a message</h2>
+<div class="tabs"><ul class="nav" role="tablist"><li role="tab" id="tab-1">Desktop</li><li role="tab" id="tab-2">Mobile
+</li></ul>
+<div role="tabpanel" aria-labelledby="tab-1"><p>To edit a message:</p><ol><li>Hover over a message.</li>
+<li>Click <b>Edit</b>.</li></ol></div>
+<div role="tabpanel" aria-labelledby="tab-2"><p>To edit a message:</p><ol><li>Long-press a message.</li>
+<li>Tap <b>Edit message</b>.</li></ol></div></div>
+<h2>Star a message</h2>
+<div class="tabs-container"><ul role="tablist"><li role="tab">Web</li><li role="tab">Android</li></ul>
+<div><div role="tabpanel"><ol><li>Hover over the message.</li><li>Click the star.</li></ol></div>
+<div role="tabpanel" hidden><ol><li>Long-press the message.</li><li>Tap Star.</li></ol></div></div></div>
+<h2>Install the app</h2>
+<h3>Homebrew</h3><ol><li>Open a terminal.</li><li>Run brew install zulip.</li></ol>
+<h3>macOS</h3><ol><li>Download the disk image.</li><li>Drag the app to Applications.</li></ol>
+</main></body></html>"""
+
+TABBED_MARKDOWN = """---
+title: Service accounts
+---
+
+## View service accounts
+
+{{< tabs >}}
+
+{{< tab title="Desktop" >}}
+
+1. Open **Settings**.
+1. Select **Service accounts**.
+
+{{< /tab >}}
+
+{{< tab title="Mobile app" >}}
+
+1. Tap **Menu > Settings**.
+1. Tap **Service accounts**.
+
+{{< /tab >}}
+
+{{< /tabs >}}
+"""
+
+
+def test_tab_variants_get_their_platform_in_the_question(tmp_path):
+    records, report = collect_file(write(tmp_path / "messages.html", TABBED_PAGE))
+    got = by_prompt(records)
+    assert got == {
+        "How do I edit a message in the Zulip desktop app?": ["Hover over a message.", "Click Edit."],
+        "How do I edit a message in the Zulip mobile app?": ["Long-press a message.", "Tap Edit message."],
+        "How do I star a message in the Zulip web app?": ["Hover over the message.", "Click the star."],
+        "How do I star a message in the Zulip Android app?": ["Long-press the message.", "Tap Star."],
+        "How do I install the app with Homebrew in Zulip?": ["Open a terminal.", "Run brew install zulip."],
+        "How do I install the app in Zulip on macOS?": ["Download the disk image.", "Drag the app to Applications."],
+    }
+    assert not any(q.startswith("How do I use ") for q in got) and {r["category"] for r in records} == {"zulip"}
+    assert "Desktop" not in records[1]["passage"].split("\n\n")[0]  # the tab bar is no paragraph of the passage
+    records, _ = collect_file(write(tmp_path / "accounts.md", TABBED_MARKDOWN), product="ExampleHub")
+    assert by_prompt(records) == {
+        "How do I view service accounts in the ExampleHub desktop app?": ["Open Settings.",
+                                                                          "Select Service accounts."],
+        "How do I view service accounts in the ExampleHub mobile app?": ["Tap Menu > Settings.",
+                                                                         "Tap Service accounts."]}
+
+
+TWO_WAYS = """---
+title: Subgroups
+---
+
+## Change who can create subgroups
+
+To change who can create subgroups on a group:
+
+- As a user with the Owner role on the group:
+  1. Select **Settings > General**.
+  1. Select **Save changes**.
+- As an administrator:
+  1. Select **Admin > Groups**.
+  1. Select **Save changes**.
+
+## Delete a subgroup
+
+To delete a subgroup:
+
+1. Open the subgroup.
+1. Select **Delete**.
+
+You can also delete the subgroup and all of its projects. These projects cannot be restored.
+
+1. Open the subgroup.
+1. Select **Delete with projects**.
+
+## Delete a subgroup
+
+1. Open the subgroup.
+1. Select **Delete**.
+
+## Leave a subgroup
+
+1. Open the subgroup.
+1. Select **Leave**.
+
+## Leave a subgroup
+
+1. Select **Groups**.
+1. Select **Leave** beside the subgroup.
+"""
+
+
+def test_procedures_that_would_share_a_question_are_told_apart_or_kept_once(tmp_path):
+    records, report = collect_file(write(tmp_path / "subgroups.md", TWO_WAYS))
+    assert [r["prompt"] for r in records] == [
+        "How do I change who can create subgroups as a user with the Owner role on the group?",
+        "How do I change who can create subgroups as an administrator?",
+        "How do I delete a subgroup?",
+        "How do I delete the subgroup and all of its projects?",
+        "How do I leave a subgroup?"]
+    reasons = " ".join(report.skipped)
+    assert "same question and steps as #delete-a-subgroup, kept once" in reasons  # a true duplicate
+    assert "another set of steps for \"How do I leave a subgroup?\"" in reasons and "review both" in reasons
+    (tmp_path / "more").mkdir()
+    other = write(tmp_path / "more" / "subgroups.md", TWO_WAYS)
+    collection = collect_inputs([tmp_path / "subgroups.md", other])
+    questions = [r["prompt"] for _, _, r in collection.records]
+    assert len(questions) == len(set(questions)) == 5  # the second file's procedures are the first file's
+    assert collection.report["files"][1]["procedures"] == 0
+
+
+def test_product_named_in_questions_from_the_page_or_the_flag(tmp_path):
+    page = ("<html><head><title>Orders</title><meta property='og:site_name' content='Cartly Help Center'></head>"
+            "<body><main><h2>Cancel an order</h2><ol><li>Open Orders.</li><li>Tap Cancel.</li></ol></main></body>"
+            "</html>")
+    records, _ = collect_file(write(tmp_path / "orders.html", page))
+    assert [r["prompt"] for r in records] == ["How do I cancel an order in Cartly?"]
+    records, _ = collect_file(write(tmp_path / "orders.html", page), product="ShopNow")
+    assert [r["prompt"] for r in records] == ["How do I cancel an order in ShopNow?"]
+    site = "<title>Orders</title><meta property='og:site_name' content='Cartly Help Center'>"
+    for title in ("Step 2 - Install the app", "Orders - cancelling and returns", "Orders | Troubleshooting"):
+        records, _ = collect_file(write(tmp_path / "orders.html", page.replace(site, f"<title>{title}</title>")))
+        assert [r["prompt"] for r in records] == ["How do I cancel an order?"], title  # no name in these titles
+    records, _ = collect_file(write(tmp_path / "orders.html", page.replace(
+        site, "<title>Orders - ShopNow Help</title>")))
+    assert [r["prompt"] for r in records] == ["How do I cancel an order in ShopNow?"]
+    untitled = "## Cancel an order\n\n1. Open **Orders**.\n1. Tap **Cancel**.\n"
+    records, _ = collect_file(write(tmp_path / "orders.md", untitled))
+    assert [r["prompt"] for r in records] == ["How do I cancel an order?"]  # no name on the page, none made up
+    asked = "## Cancel an order\n\n**How do I cancel my ShopNow order?**\n\n1. Open **Orders**.\n1. Tap **Cancel**.\n"
+    records, _ = collect_file(write(tmp_path / "asked.md", asked), product="ShopNow")
+    assert [r["prompt"] for r in records] == ["How do I cancel my ShopNow order?"]  # named once
+
+
+def test_collected_records_carry_a_category(tmp_path):
+    folder = tmp_path / "Help pages"
+    folder.mkdir()
+    page = write(folder / "orders.md", "## Cancel an order\n\n1. Open **Orders**.\n1. Tap **Cancel**.\n")
+    chats = write(folder / "chats.jsonl", json.dumps(CHATS[0]) + "\n")
+    assert {r["category"] for p in (page, chats) for r in collect_file(p)[0]} == {"help_pages"}
+    assert {r["category"] for r in collect_file(page, product="ShopNow")[0]} == {"shopnow"}
+    assert {r["category"] for p in (page, chats) for r in collect_file(p, category="shopping")[0]} == {"shopping"}
+
+
+def test_passage_is_bounded_and_redacted_in_review(tmp_path):
+    import prepare_data
+
+    prose = "".join(f"<p>Paragraph {k} about orders, written by jane.doe@example.com for the help centre.</p>"
+                    for k in range(60))
+    page = (f"<main><h2>Cancel an order</h2>{prose}<p>To cancel an order:</p><ol><li>Open Orders.</li>"
+            "<li>Tap Cancel.</li></ol></main>")
+    write(tmp_path / "orders.html", page)
+    records, _ = collect_file(tmp_path / "orders.html")
+    text = records[0]["passage"]
+    assert len(text) <= 2000 and text.startswith("Cancel an order\n\n…")
+    assert text.endswith("To cancel an order:\n\n1. Open Orders.\n2. Tap Cancel.")
+    assert prepare_data.main([str(tmp_path / "orders.html"), "--out", str(tmp_path / "out"), "--review",
+                    str(tmp_path / "review")]) == 0
+    tasks = json.loads((tmp_path / "review" / "tasks.json").read_text())
+    assert "jane.doe@example.com" not in tasks[0]["data"]["passage"] and "[EMAIL]" in tasks[0]["data"]["passage"]
+
+
+def nested_page(kind: str, depth: int) -> str:
+    if kind == "div":
+        return "<main><h2>Reset the hub</h2>" + "<div>" * depth + \
+            "<ol><li>Hold the button.</li><li>Wait for the light.</li></ol>" + "</div>" * depth + "</main>"
+    inner = "<ol><li>Open the menu." * depth + "</li></ol>" * depth
+    return f"<main><h2>Reset the hub</h2><ol><li>Hold the button.</li><li>Open the settings:{inner}</li></ol></main>"
+
+
+@pytest.mark.parametrize("kind, depth", [("div", 1000), ("ol", 3000)])
+def test_deeply_nested_pages_are_walked_without_recursion_in_linear_time(tmp_path, kind, depth):
+    start = time.perf_counter()
+    records, _ = collect_file(write(tmp_path / "deep.html", nested_page(kind, depth)))
+    assert time.perf_counter() - start < 10
+    assert records[0]["prompt"] == "How do I reset the hub?" and records[0]["response"][0] == "Hold the button."
+
+
+def test_image_only_pdf_says_no_text_layer(tmp_path):
+    pdf = write_pdf(tmp_path / "scan.pdf", [[], []])
+    records, report = collect_file(pdf)
+    assert records == [] and report.skipped == [f"{pdf}: no text layer (an image-only or scanned PDF): "
+                                                "run OCR on it first"]
+
+
+def test_csv_chat_without_conversation_ids_keeps_every_procedure(tmp_path):
+    rows = "role,text\n" + "".join(f'{m["role"]},"{m.get("text", m.get("content"))}"\n'
+                                   for c in CHATS for m in c["messages"])
+    records, _ = collect_file(write(tmp_path / "chats.csv", rows))
+    assert by_prompt(records) == by_prompt(collect_file(write(tmp_path / "chats.jsonl", "".join(
+        json.dumps(c) + "\n" for c in CHATS)))[0])
+    assert len(records) == 2
+
+
+def test_broken_chat_jsonl_line_is_named_by_its_own_line(tmp_path):
+    from howto.runio import RunError
+
+    chats = write(tmp_path / "chats.jsonl", json.dumps(CHATS[0]) + "\n" + '{"id": "c2", "messages": [}\n')
+    with pytest.raises(RunError, match=r"chats\.jsonl:2:\d+: malformed JSON at line 2, column \d+") as error:
+        collect_inputs([chats])
+    assert "\n" not in str(error.value)
+
+
+def test_chats_asking_one_question_keep_one_answer(tmp_path):
+    again = {"id": "c4", "messages": [
+        {"role": "customer", "text": "how do I change my delivery address?"},
+        {"role": "agent", "text": "1. Open Profile.\n2. Tap Addresses.\n3. Edit the address."}]}
+    chats = write(tmp_path / "chats.jsonl", "".join(json.dumps(c) + "\n" for c in [CHATS[0], again, CHATS[0]]))
+    collection = collect_inputs([chats])
+    assert [r["response"] for _, _, r in collection.records] == [["Go to Account > Addresses.", "Tap Edit.",
+                                                                  "Save the new address."]]
+    skipped = collection.report["files"][0]["skipped"]
+    assert any("#conversation=c4: another set of steps for a question asked by" in s for s in skipped)
+    assert any("same question and steps as" in s for s in skipped)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-import prepare_data as pd
+import prepare_data
 from howto.dedup import content_words, deduplicate, names_differ, variants
 
 SYLLABLES = ("ka", "lo", "mi", "ter", "shu", "ven", "dra", "po", "lix", "zen", "qua", "rin", "bel", "tor", "fa", "gor")
@@ -21,11 +21,12 @@ def unique_steps(rng: random.Random, n: int = 3) -> list[str]:
     return [f"Open {word()}.", f"Tap '{word()} {word()}'.", f"Confirm {word()}."][:n]
 
 
-def items_of(prompts: list[str], seed: int = 0, categories: list[str] | None = None) -> list[pd.Item]:
+def items_of(prompts: list[str], seed: int = 0, categories: list[str] | None = None) -> list[prepare_data.Item]:
     rng = random.Random(seed)
     records = [{"prompt": p, "response": unique_steps(rng), "category": (categories or ["c"] * len(prompts))[i]}
                for i, p in enumerate(prompts)]
-    items, _ = pd.normalize_items([pd.Item(r, f"rec {i}") for i, r in enumerate(records)], True, True)
+    items, _ = prepare_data.normalize_items([prepare_data.Item(r, f"rec {i}") for i, r in enumerate(records)], True,
+                                            True)
     return items
 
 
@@ -48,7 +49,7 @@ VARIANTS = [  # (one prompt, its typo / contraction / inflection variant)
 def test_typo_contraction_and_inflection_variants_are_one_group(a, b):
     others = ["How do I export my contacts to a spreadsheet?", "Where can I change the delivery address?"]
     items, report = deduplicate(items_of([a, others[0], b, others[1]]), threshold=0.6)
-    assert grouped(report) == [{pd.normalize_text(a), pd.normalize_text(b)}]
+    assert grouped(report) == [{prepare_data.normalize_text(a), prepare_data.normalize_text(b)}]
     assert items[0].group == items[2].group != items[1].group
 
 
@@ -75,7 +76,7 @@ def test_a_paraphrase_with_the_same_answer_is_one_group():
     steps = ["Open 'My trips'.", "Select the cancelled flight.", "Tap 'Request refund'.", "Choose the card."]
     records = [{"prompt": "How do I get a refund for a cancelled flight?", "response": steps, "category": "travel"},
                {"prompt": "How do I get my money back for a canceled flight?", "response": steps, "category": "travel"}]
-    items, _ = pd.normalize_items([pd.Item(r, str(i)) for i, r in enumerate(records)], True, True)
+    items, _ = prepare_data.normalize_items([prepare_data.Item(r, str(i)) for i, r in enumerate(records)], True, True)
     _, report = deduplicate(items, threshold=0.6)
     assert report["near_duplicate_groups"] == 1 and report["records_in_near_duplicate_groups"] == 2
 
@@ -112,15 +113,16 @@ def templated_records(seed: int = 0) -> list[dict]:
 
 
 def test_templated_data_does_not_chain_and_splits_in_its_fractions():
-    items, _ = pd.normalize_items([pd.Item(r, str(i)) for i, r in enumerate(templated_records())], True, True)
+    items, _ = prepare_data.normalize_items([prepare_data.Item(r, str(i)) for i, r in enumerate(templated_records())],
+                                            True, True)
     items, report = deduplicate(items, threshold=0.6, max_listed=10_000)
     questions = len(APPS) * len(VERBS) * len(SETTINGS)
     source = {item.origin: item.record["source"] for item in items}
     assert all(len({source[m["origin"]] for m in g}) == 1 for g in report["groups"]), "a group mixes questions"
     assert report["near_duplicate_groups"] == questions  # each question's three wordings, nothing more
     assert report["largest_split_unit"] <= 3 * len(VERBS)
-    splits = pd.split_records(items, (0.8, 0.1, 0.1), seed=0)
-    for name, fraction in zip(pd.SPLITS, (0.8, 0.1, 0.1)):
+    splits = prepare_data.split_records(items, (0.8, 0.1, 0.1), seed=0)
+    for name, fraction in zip(prepare_data.SPLITS, (0.8, 0.1, 0.1)):
         assert abs(len(splits[name]) / len(items) - fraction) <= 0.01
     where = {item.origin: name for name, part in splits.items() for item in part}
     assert all(len({where[m["origin"]] for m in g}) == 1 for g in report["groups"])
@@ -134,11 +136,11 @@ def test_prepare_data_keeps_variants_in_one_split(tmp_path):
     records = [{"prompt": p, "response": unique_steps(rng), "category": "account"} for p in prompts + filler]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    assert pd.main([str(data), "--out", str(tmp_path / "out")]) == 0
-    split_of = {json.loads(line)["prompt"]: name for name in pd.SPLITS
+    assert prepare_data.main([str(data), "--out", str(tmp_path / "out")]) == 0
+    split_of = {json.loads(line)["prompt"]: name for name in prepare_data.SPLITS
                 for line in (tmp_path / "out" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()}
     for a, b in VARIANTS:
-        assert split_of[pd.normalize_text(a)] == split_of[pd.normalize_text(b)]
+        assert split_of[prepare_data.normalize_text(a)] == split_of[prepare_data.normalize_text(b)]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["dedup"]["near_duplicate_groups"] == len(VARIANTS)
     assert Counter(len(g) for g in stats["dedup"]["groups"]) == {2: len(VARIANTS)}

@@ -14,6 +14,7 @@ from chat_server import chat_server
 from howto.generate import generate_batch
 from howto.metrics import METRICS
 from howto.report import METRIC_LABELS, fmt, fmt_p
+from howto.runio import RunError
 
 RECORDS = [
     {"prompt": "How do I reset my password in the ShopNow app?", "category": "shopping",
@@ -36,6 +37,26 @@ RECORDS = [
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def write_gguf(path: Path) -> Path:
+    """A small well-formed GGUF file (two tensors), as gguf's own writer makes it."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("slow work started before the inputs were checked")
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +138,127 @@ def test_report_shows_every_number_and_is_self_contained(scored):
 def test_bad_predictions_name_the_file_line_and_field(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"},
                                                {"prompt": "b", "reference": ["x"], "output": 3}])
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'output'"):
+    with pytest.raises(RunError, match=r"bad\.jsonl:2: field 'output'"):
         evaluate.main(["--predictions", f"x={bad}", "--out", str(tmp_path / "out")])
     no_ref = write_jsonl(tmp_path / "noref.jsonl", [{"prompt": "a", "output": "1. x\n2. y"}])
-    with pytest.raises(SystemExit, match=r"noref\.jsonl:1: field 'reference'"):
+    with pytest.raises(RunError, match=r"noref\.jsonl:1: field 'reference'"):
         evaluate.main(["--predictions", f"x={no_ref}", "--out", str(tmp_path / "out")])
     test = tmp_path / "test.jsonl"
     test.write_text('{"prompt": "a", "response": ["x", "y"]}\n{"prompt": "b", "response": "x"}\n')
-    with pytest.raises(SystemExit, match=r"test\.jsonl:2: field 'response'"):
+    with pytest.raises(RunError, match=r"test\.jsonl:2: field 'response'"):
         evaluate.load_test_set(test, None)
+
+
+@pytest.mark.parametrize("name", ["report.html", "metrics.json", "Report.MD", "plots", "rating_key.json", "ratings"])
+def test_system_named_like_an_output_is_refused_before_scoring(name, tmp_path, monkeypatch):
+    """Issue 19: `--predictions report.html=FILE` scored everything, then failed writing report.html over its folder."""
+    monkeypatch.setattr(evaluate, "score_all", must_not_run)
+    rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"}])
+    with pytest.raises(RunError, match=rf"--predictions {re.escape(name)}=.*: '{re.escape(name)}' cannot be used "
+                                         "as a system name"):
+        evaluate.main(["--predictions", f"base={rows}", f"{name}={rows}", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("field, text, shown", [
+    ("n_tokens", '"abc"', '"abc"'), ("n_tokens", "-3", "-3"), ("n_tokens", "2.5", "2.5"), ("n_tokens", "true", "true"),
+    ("n_tokens", "Infinity", "Infinity"), ("seconds", "-0.5", "-0.5"), ("seconds", "NaN", "NaN"),
+    ("seconds", "-Infinity", "-Infinity"), ("seconds", '"fast"', '"fast"'),
+])
+def test_bad_counts_in_predictions_are_refused_with_file_line_and_field(field, text, shown, tmp_path, monkeypatch):
+    """Issue 19: `n_tokens: "abc"` raised TypeError after scoring; negative values were summed into -Infinity."""
+    monkeypatch.setattr(evaluate, "score_all", must_not_run)
+    good = '{"prompt": "a", "reference": ["x", "y"], "output": "1. x\\n2. y", "n_tokens": 4, "seconds": 0.5}\n'
+    bad = f'{{"prompt": "b", "reference": ["x", "y"], "output": "1. x\\n2. y", "{field}": {text}}}\n'
+    (tmp_path / "p.jsonl").write_text(good + bad)
+    with pytest.raises(RunError, match=rf"p\.jsonl:2: field '{field}' must be a (whole )?number >= 0 or null, "
+                                         rf"got {re.escape(shown)}$"):
+        evaluate.main(["--predictions", f"x={tmp_path / 'p.jsonl'}", "--out", str(tmp_path / "out")])
+
+
+def test_fail_on_regression_without_exports_to_judge_is_refused(tmp_path):
+    rows = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "reference": ["x", "y"], "output": "1. x\n2. y"}])
+    with pytest.raises(RunError, match="--fail-on-regression fails on an export worse than its adapter; "
+                                         "--predictions scores files and has no exports"):
+        evaluate.main(["--predictions", f"x={rows}", "--out", str(tmp_path / "out"), "--fail-on-regression"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    with pytest.raises(RunError, match="--no-parity scores no export"):
+        evaluate.main(["--data", str(write_jsonl(tmp_path / "t.jsonl", RECORDS[:2])), "--finetuned", str(run),
+                       "--base", "tiny", "--out", str(tmp_path / "out"), "--no-parity", "--fail-on-regression"])
+
+
+def test_corrupt_exports_are_refused_before_any_generation(tmp_path, monkeypatch):
+    """Issue 19: a corrupt GGUF in --exports failed with a traceback after base and fine-tuned had generated."""
+    from safetensors.numpy import save_file
+
+    monkeypatch.setattr(evaluate, "load_generator", must_not_run)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    argv = ["--data", str(write_jsonl(tmp_path / "t.jsonl", RECORDS[:2])), "--base", "tiny", "--finetuned",
+            str(run), "--out", str(tmp_path / "out"), "--exports"]
+    whole = write_gguf(tmp_path / "model-q4_k_m.gguf").read_bytes()
+    cut = tmp_path / "model-q8_0.gguf"
+    for data in (whole[: len(whole) - 100], whole[:300], b"GGUF" + b"\xff" * 40):
+        cut.write_bytes(data)
+        with pytest.raises(RunError, match=rf"--exports {re.escape(str(cut))}: not a complete GGUF file, cut "
+                                             "short or corrupt"):
+            evaluate.main([*argv, str(cut)])
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    import numpy as np
+
+    save_file({"w": np.ones((32, 32), dtype=np.float32)}, str(merged / "model.safetensors"))
+    weights = (merged / "model.safetensors").read_bytes()
+    (merged / "model.safetensors").write_bytes(weights[:-64])
+    with pytest.raises(RunError, match=rf"--exports {re.escape(str(merged))}: model.safetensors: .*incomplete"):
+        evaluate.main([*argv, str(merged)])
+    (merged / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match=rf"--exports {re.escape(str(merged))}: config.json is not a JSON object"):
+        evaluate.main([*argv, str(merged)])
+
+
+def without_code(markdown: str) -> str:
+    """Markdown with its fenced code blocks taken out: what a viewer renders as Markdown and HTML."""
+    return re.sub(r"^(`{3,})[^\n]*\n.*?^\1$", "", markdown, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_one_paired_prompt_is_too_few_for_a_verdict_and_shows_no_arrow(tmp_path):
+    """Issue 19: with 1 paired prompt a difference was marked ▼ worse, with CI [-0.516, -0.516] and p = 1.000."""
+    a = [{"prompt": RECORDS[0]["prompt"], "response": RECORDS[0]["response"], "output": RECORDS[0]["response"]}]
+    b = [{"prompt": RECORDS[0]["prompt"], "response": RECORDS[0]["response"], "output": "I cannot help."}]
+    out = tmp_path / "out"
+    metrics = evaluate.main(["--predictions", f"a={write_jsonl(tmp_path / 'a.jsonl', a)}",
+                             f"b={write_jsonl(tmp_path / 'b.jsonl', b)}", "--out", str(out),
+                             "--bertscore-model", "minilm", "--bootstrap", "100"])
+    comparison = metrics["comparisons"]["b"]["bertscore_f1"]
+    assert comparison["n"] == 1 and comparison["ci_low"] == comparison["ci_high"] < 0  # the degenerate interval
+    assert metrics["verdicts"]["b"] == "too few paired prompts (1, fewer than 6): no difference judged"
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert "too few paired prompts" in text
+        assert "▲" not in text and "▼" not in text
+
+
+def test_html_in_prompts_outputs_and_names_is_shown_not_rendered_in_report_md(tmp_path):
+    """Issue 19: `<script>` and `<img onerror>` from prompts, outputs and system names went raw into report.md."""
+    prompt = "How do I <script>alert('prompt')</script> log in?"
+    rows = [{"prompt": prompt, "reference": ["Open the app", "Tap <b>Sign in</b>"], "category": "<i>cat</i>",
+             "output": ["Open the <img src=x onerror=alert('step')>", "Tap Sign in"]},
+            {"prompt": "How do I log out?", "reference": ["Open the app", "Tap Sign out"],
+             "output": "<img src=x onerror=alert('code')>"}]  # one step: a failure, shown as code
+    base = [{**r, "output": r["reference"]} for r in rows]
+    name = "<script>alert('name')"
+    out = tmp_path / "out"
+    evaluate.main(["--predictions", f"base={write_jsonl(tmp_path / 'base.jsonl', base)}",
+                   f"{name}={write_jsonl(tmp_path / 'x.jsonl', rows)}", "--out", str(out),
+                   "--bertscore-model", "minilm", "--bootstrap", "100"])
+    md = (out / "report.md").read_text()
+    assert "alert('prompt')" in md and "alert('step')" in md and "alert('name')" in md and "&lt;script>" in md
+    assert not re.search(r"<[A-Za-z/!?]", without_code(md)), re.findall(r".*<[A-Za-z/!?].*", without_code(md))
+    assert "```text\n<img src=x onerror=alert('code')>\n```" in md  # as written, in a code block
 
 
 def test_systems_pair_on_normalised_prompts_and_say_how_many(tmp_path):
@@ -141,7 +274,7 @@ def test_systems_pair_on_normalised_prompts_and_say_how_many(tmp_path):
     assert metrics["comparisons"]["b"]["step_coverage"]["delta"] < 0  # the paired prompts really were compared
     assert "b: 2 of 4 paired" in (out / "report.md").read_text()
     c = [{"prompt": "How do I bake bread?", "response": ["Mix.", "Bake."], "output": "1. Mix\n2. Bake"}]
-    with pytest.raises(SystemExit, match="no prompt in common"):
+    with pytest.raises(RunError, match="no prompt in common"):
         evaluate.main([*argv[:3], f"c={write_jsonl(tmp_path / 'c.jsonl', c)}", *argv[3:]])
 
 
@@ -158,27 +291,27 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys)
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0" * 16)
     for path in (fake, weights):
-        with pytest.raises(SystemExit, match=r"--finetuned .*: not a GGUF file"):
+        with pytest.raises(RunError, match=r"--finetuned .*: not a GGUF file"):
             evaluate.main([*argv, "--finetuned", str(path), "--out", str(tmp_path / "out")])
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"--bootstrap 10: a 95% interval needs at least 100"):
+    with pytest.raises(RunError, match=r"--bootstrap 10: a 95% interval needs at least 100"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--bootstrap", "10"])
     for flag in ("--bootstrap", "--limit", "--max-new-tokens", "--batch-size"):
         with pytest.raises(SystemExit) as usage:
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), flag, "0"])
         assert usage.value.code == 2 and f"{flag}: must be at least 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--out .*: is a file, not a folder"):
+    with pytest.raises(RunError, match=r"--out .*: is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data)])
-    with pytest.raises(SystemExit, match=r"--out .*: .* is a file, not a folder"):
+    with pytest.raises(RunError, match=r"--out .*: .* is a file, not a folder"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(data / "out")])
-    with pytest.raises(SystemExit, match=r"--exports .*: not a GGUF file"):
+    with pytest.raises(RunError, match=r"--exports .*: not a GGUF file"):
         evaluate.main([*argv, "--finetuned", str(run), "--out", str(tmp_path / "out"), "--exports", str(fake)])
     if os.geteuid() != 0:  # root writes into read-only folders
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        with pytest.raises(SystemExit, match=r"--out .*: cannot write in"):
+        with pytest.raises(RunError, match=r"--out .*: cannot write in"):
             evaluate.main([*argv, "--finetuned", str(run), "--out", str(locked)])
 
 
@@ -187,8 +320,7 @@ def test_finetuned_resolves_to_the_base_it_was_trained_on(tmp_path):
     (run / "gguf").mkdir(parents=True)
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/somewhere/else"}))
     (run / "run_info.json").write_text(json.dumps({"base_model": "/models/tiny", "model_name": "tiny"}))
-    gguf = run / "gguf" / "model-q4_k_m.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf = write_gguf(run / "gguf" / "model-q4_k_m.gguf")
     base, tuned = evaluate.resolve_systems(None, str(run))
     assert (base.model, tuned.model, tuned.adapter) == ("/models/tiny", "/models/tiny", str(run))
     assert evaluate.resolve_systems("smollm2", str(run))[1].model == "smollm2"
@@ -200,7 +332,7 @@ def test_finetuned_resolves_to_the_base_it_was_trained_on(tmp_path):
     merged.mkdir()
     (merged / "config.json").write_text("{}")
     assert evaluate.resolve_systems("tiny", str(merged))[1] == evaluate.System("finetuned", model=str(merged))
-    with pytest.raises(SystemExit, match="adapter_config.json"):
+    with pytest.raises(RunError, match="adapter_config.json"):
         evaluate.resolve_systems("tiny", str(tmp_path))
 
 
@@ -290,7 +422,7 @@ def tiny_merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
 
 
 def test_exports_are_scored_beside_the_adapter(tiny_adapter, tiny_merged, tmp_path):
-    data = write_jsonl(tmp_path / "test.jsonl", RECORDS[:3])
+    data = write_jsonl(tmp_path / "test.jsonl", RECORDS)
     out = tmp_path / "out"
     metrics = evaluate.main(["--data", str(data), "--base", "tiny", "--finetuned", str(tiny_adapter), "--out",
                              str(out), "--exports", str(tiny_merged), "--no-forgetting", "--max-new-tokens", "8",
@@ -301,12 +433,12 @@ def test_exports_are_scored_beside_the_adapter(tiny_adapter, tiny_merged, tmp_pa
     assert parity["reference"] == "finetuned" and parity["tolerance"] == 0.02
     merged = parity["exports"][name]
     # The same fp32 weights, merged before or after saving: the same answers, the same scores.
-    assert merged["n_paired"] == 3 and merged["identical"] == 3 and merged["identical_share"] == 1.0
+    assert merged["n_paired"] == 6 and merged["identical"] == 6 and merged["identical_share"] == 1.0
     assert merged["bertscore_f1"]["delta"] == 0.0 and merged["verdict"] == "same"
     assert metrics["forgetting"] is None
     assert (out / name / "predictions.jsonl").is_file() and (out / name / "scores.jsonl").is_file()
     report = (out / "report.md").read_text()
-    assert "## Parity" in report and f"| {name} | 3 | 1.00 (3) |" in report
+    assert "## Parity" in report and f"| {name} | 6 | 1.00 (6) |" in report
 
 
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_model):
@@ -378,11 +510,11 @@ def test_ratings_go_into_metrics_and_report(tmp_path, judge_url, monkeypatch):
     judge = metrics["ratings"]["judge"]
     assert judge["means"]["good"] == {"correctness": 5.0, "completeness": 5.0, "clarity": 5.0}
     assert judge["means"]["weak"]["clarity"] == 3.0 and judge["missing"] == 0
-    assert (out / "rating_sheet.csv").is_file() and (out / "rating_sheet.html").is_file()
+    assert (out / "rating_sheet.csv").is_file() and not (out / "rating_sheet.html").exists()
     for name in ("metrics.json", "report.md", "report.html", "config.yaml", "run_info.json", "judge.jsonl"):
         assert "sk-do-not-log-me" not in (out / name).read_text()
 
-    key = json.loads((out / "rating_key.json").read_text())
+    key = json.loads((out / "rating_key.json").read_text())["items"]
     with open(out / "rating_sheet.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:  # a rater who likes the good system's answers better

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from howto.chat import SYSTEM_PROMPT, prompt_ids, to_messages
-from howto.generate import open_gguf
 from howto.models import MISTRAL_CHAT_TEMPLATE
 
 PROMPT = "How do I reset my password in the   XX app?"
@@ -39,7 +38,12 @@ def _logits(folder: str | Path, ids: list[int], adapter: Path | None = None) -> 
 
 
 def _llama(path: Path, **kwargs):
-    return open_gguf(str(path), 256, **kwargs)
+    """llama.cpp as evaluate.py opens it (howto.generate.open_gguf: no AMX weight buffers, whose matmul crashes)."""
+    import llama_cpp
+
+    from howto.generate import open_gguf
+
+    return open_gguf(str(path), context=256, seed=llama_cpp.LLAMA_DEFAULT_SEED, gpu=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ import yaml
 from rich.console import Console
 
 import finetune
-from howto import chat
+from howto import chat, device
+from howto.runio import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -197,7 +198,7 @@ def test_optuna_sweep_is_seeded_and_resume_continues_the_study(small_data, tmp_p
              "1e-4,3e-2", "--sweep-epochs", "1", "--sweep-batch-size", "4"]
     finetune.main([*flags, "--sweep-optuna-trials", "1"])
     first = read_json(out / "sweep" / "trial-1" / "run_info.json")
-    with pytest.raises(SystemExit, match="holds an earlier Optuna study: pass --resume"):
+    with pytest.raises(RunError, match="holds an earlier Optuna study: pass --resume"):
         finetune.main([*flags, "--sweep-optuna-trials", "2"])
     finetune.main([*flags, "--sweep-optuna-trials", "2", "--resume"])
     assert read_json(out / "sweep" / "trial-1" / "run_info.json") == first  # the finished trial is kept, not rerun
@@ -264,10 +265,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(small_data, tmp_
 
 def test_resume_without_a_checkpoint_and_reuse_of_a_run_folder_are_refused(small_data, tmp_path, capsys):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="no checkpoint in .*checkpoints to continue from"):
+    with pytest.raises(RunError, match="no checkpoint in .*checkpoints to continue from"):
         finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
     (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run: pass --resume"):
+    with pytest.raises(RunError, match="holds checkpoints of an earlier run: pass --resume"):
         finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf"])
 
 
@@ -300,17 +301,140 @@ def test_resume_with_other_data_is_refused_and_rewrites_nothing(small_data, lear
     write_run_info(out, {"data": str(small_data)}, files, {"base_model": "tiny", "status": "interrupted"})
     (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     before = {name: (out / name).read_bytes() for name in ("run_info.json", "config.yaml")}
-    with pytest.raises(SystemExit, match=r"--resume: .*run_info.json trained on other data .*resume with the --data"):
+    with pytest.raises(RunError, match=r"--resume: .*run_info.json trained on other data .*resume with the --data"):
         finetune.main(["--data", str(learnable_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def finished_run(out: Path, data: Path, argv: list[str]) -> dict[str, bytes]:
+    """A finished run's records as finetune.py writes them (config.yaml of these settings, run_info.json with the
+    training's results), and their bytes."""
+    from howto.runio import write_run_info
+
+    args = finetune.parse(["--data", str(data), "--out", str(out), *argv])
+    write_run_info(out, finetune.config_record(args), [data / "train.jsonl", data / "val.jsonl"],
+                   {"base_model": "tiny", "status": "done", "best_checkpoint": "checkpoints/checkpoint-4",
+                    "best_val_loss": 9.5, "global_step": 6})
+    (out / "checkpoints" / "checkpoint-6").mkdir(parents=True)
+    return {name: (out / name).read_bytes() for name in ("run_info.json", "config.yaml")}
+
+
+def test_resume_with_other_lora_rank_leaves_the_run_untouched(small_data, tmp_path):
+    """Issue 19: `--resume --lora-r 8` on a finished r=16 run rewrote config.yaml and run_info.json, then crashed on
+    the adapter's shapes."""
+    out = tmp_path / "run"
+    before = finished_run(out, small_data, [*TINY, "--engine", "hf", "--lora-r", "16"])
+    with pytest.raises(RunError, match=rf"^--resume: {out} was trained with other settings: --lora-r 8 "
+                                         r"\(the run has 16\): resume with the run's own settings"):
+        finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--resume"])
+    with pytest.raises(RunError, match=r"--lora-r 8 \(the run has 16\); --lr 0.001 \(the run has 0.0002\)"):
+        finetune.main(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--lr", "1e-3",
+                       "--resume"])
+    assert {name: (out / name).read_bytes() for name in before} == before
+    args = finetune.parse(["--data", str(small_data), "--out", str(out), *TINY, "--engine", "hf", "--lora-r", "16",
+                           "--epochs", "9", "--resume"])
+    finetune.check_resume(args, out, [small_data / "train.jsonl", small_data / "val.jsonl"])  # more epochs: fine
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--lr", "2e4"], "--lr 20000 is far above any learning rate that trains (at most 1; LoRA uses 1e-5 to 1e-3, "
+                      "the default is 2e-4): did you mean 2e-4?"),
+    (["--lr", "1.5"], "--lr 1.5 is far above any learning rate that trains"),
+    (["--warmup-ratio", "nan"], "--warmup-ratio nan: must be a finite number"),
+    (["--lora-dropout=-inf"], "--lora-dropout -inf: must be a finite number"),
+    (["--gpu-memory", "inf"], "--gpu-memory inf: must be a finite number"),
+    (["--sweep", "--sweep-lr", "1e-4,inf"], "--sweep-lr needs one or more values, each > 0 and finite"),
+    (["--sweep", "--sweep-lr", "1e-4,2e4"], "--sweep-lr: every learning rate must be at most 1"),
+])
+def test_lr_inf_is_refused_by_the_preflight(flags, message, learnable_data, tmp_path, capsys):
+    """Issue 19: `--lr inf` passed the checks and saved an adapter of NaNs; `--lr 2e4` (for 2e-4) diverged."""
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--data", str(learnable_data), "--out", str(tmp_path / "run"), *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_diverged_training_stops_keeps_no_adapter_and_exits_non_zero(small_data, tmp_path, monkeypatch):
+    """Issue 19: a run whose loss became NaN exited 0 with an adapter of NaNs and bare NaN in metrics.json. Here the
+    loss turns NaN from the fourth step (what a learning rate far too high does to a real model; the tiny model's
+    random head keeps its loss near ln(vocabulary) whatever the rate)."""
+    real = device.cpu_sft_trainer
+
+    def diverging_trainer(compiled: bool) -> type:
+        class Diverging(real(compiled)):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                loss = super().compute_loss(model, inputs, *args, **kwargs)
+                return loss * float("nan") if model.training and self.state.global_step >= 3 else loss
+
+        return Diverging
+
+    monkeypatch.setattr(device, "cpu_sft_trainer", diverging_trainer)
+    out = tmp_path / "run"
+    with pytest.raises(finetune.Diverged) as exc:  # a RunError: run_script makes it `error: ...` and exit code 1
+        finetune.main(["--data", str(small_data), "--out", str(out), *TINY, *NOT_COMPILED, "--engine", "hf",
+                       "--epochs", "5", "--batch-size", "2", "--lr", "1e-3"])
+    message = str(exc.value)
+    assert message.startswith("training diverged: the training loss became nan at step 4. The learning rate is the "
+                              "likely cause: --lr 0.001 is too high"), message
+    assert "No adapter was saved" in message and isinstance(exc.value, RunError) and exc.value.message == message
+    assert not (out / "adapter_model.safetensors").exists()  # no adapter as the run's result
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]  # none after the NaN
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} in a JSON file")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=no_nan)
+    info = json.loads((out / "run_info.json").read_text(), parse_constant=no_nan)
+    assert metrics["diverged"] == info["diverged"] == "the training loss became nan at step 4"
+    assert metrics["best_val_loss"] is None and metrics["train"][-1] == {"step": 4, "epoch": 2.0, "loss": None}
+    assert (info["status"], info["global_step"]) == ("diverged", 4)
+
+
+def test_sweep_trial_that_diverges_is_pruned_and_the_sweep_goes_on(small_data, tmp_path, monkeypatch):
+    """A rate of the grid that diverges ends its own trial; the others are ranked, the best config is written."""
+    real = device.cpu_sft_trainer
+
+    def diverging_at_high_rates(compiled: bool) -> type:
+        class Diverging(real(compiled)):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                loss = super().compute_loss(model, inputs, *args, **kwargs)
+                return loss * float("nan") if model.training and self.args.learning_rate > 0.1 else loss
+
+        return Diverging
+
+    monkeypatch.setattr(device, "cpu_sft_trainer", diverging_at_high_rates)
+    out = tmp_path / "sweep-run"
+    finetune.main(["--data", str(small_data), "--out", str(out), *TINY, *NOT_COMPILED, "--engine", "hf", "--sweep",
+                   "--sweep-lr", "1e-3,0.5", "--sweep-epochs", "1", "--sweep-batch-size", "2"])
+    with open(out / "sweep" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == [1e-3]
+    trials = [read_json(p) for p in (out / "sweep").glob("trial-*/run_info.json")]
+    assert sorted(info["status"] for info in trials) == ["diverged", "done"]
+    assert yaml.safe_load((out / "sweep" / "best_config.yaml").read_text())["finetune"]["lr"] == 1e-3
+
+
+def test_divergence_is_a_non_finite_loss_or_a_validation_loss_far_above_the_start():
+    from howto.trainlog import divergence
+
+    history = [{"eval_loss": 2.0, "step": 0}, {"loss": 1.5, "step": 10}, {"eval_loss": 1.2, "step": 10}]
+    assert divergence(history[2], history) is None
+    assert divergence({"eval_loss": 5.9, "step": 20}, history) is None  # overfitting, or noise: not divergence
+    assert divergence({"eval_loss": 6.5, "step": 20}, history) == \
+        "the validation loss rose to 6.5 at step 20, over 3 times the untrained model's 2"
+    assert divergence({"loss": float("inf"), "step": 3}, history) == "the training loss became inf at step 3"
+    assert divergence({"eval_loss": float("nan"), "step": 5}, []) == "the validation loss became nan at step 5"
+
+
 def test_data_file_and_out_file_are_refused_before_any_work(learnable_data, tmp_path):
     base = [*TINY, "--engine", "hf"]
-    with pytest.raises(SystemExit, match="is a file; --data takes the folder prepare_data.py --out wrote"):
+    with pytest.raises(RunError, match="is a file; --data takes the folder prepare_data.py --out wrote"):
         finetune.main(["--data", str(learnable_data / "train.jsonl"), "--out", str(tmp_path / "run"), *base])
     (tmp_path / "taken").write_text("a file\n")
-    with pytest.raises(SystemExit, match="--out .*taken: is a file, not a folder"):
+    with pytest.raises(RunError, match="--out .*taken: is a file, not a folder"):
         finetune.main(["--data", str(learnable_data), "--out", str(tmp_path / "taken"), *base])
 
 
@@ -347,7 +471,7 @@ def test_labels_cover_the_assistant_steps_only(engine, learnable_data, tmp_path,
     if engine == "hf":
         batch = collated_batch(argv)
     else:  # Unsloth patches the libraries it is imported before: its own process
-        code = ("import unsloth, json, sys; sys.path.insert(0, 'tests'); from test_finetune import collated_batch; "
+        code = ("import unsloth, json; from tests.test_finetune import collated_batch; "
                 f"print('BATCH=' + json.dumps(collated_batch({argv!r})))")
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True,
                                 text=True, timeout=600)
@@ -389,7 +513,7 @@ def test_records_that_would_train_on_nothing_are_refused_by_name(tmp_path, capsy
     long_prompt = "How do I " + "really " * 80 + "reset my password?"
     write_split(folder, "val", [howto_records(VAL_APPS)[0],
                                 {"prompt": long_prompt, "response": ["Open the app", "Tap 'Reset'"]}])
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(RunError) as exc:
         finetune.main(["--data", str(folder), "--out", str(tmp_path / "run"), *TINY, "--engine", "hf"])
     message = str(exc.value)
     assert "1 record(s) would train on no token" in message
@@ -416,16 +540,16 @@ def test_bad_flags_are_refused(flags, message, learnable_data, tmp_path, capsys)
 
 def test_missing_empty_or_broken_splits_name_the_file(learnable_data, tmp_path):
     base = ["--out", str(tmp_path / "run"), *TINY, "--engine", "hf"]
-    with pytest.raises(SystemExit, match="no such folder"):
+    with pytest.raises(RunError, match="no such folder"):
         finetune.main(["--data", str(tmp_path / "nowhere"), *base])
     (learnable_data / "val.jsonl").unlink()
-    with pytest.raises(SystemExit, match=f"{learnable_data / 'val.jsonl'}: not found"):
+    with pytest.raises(RunError, match=f"{learnable_data / 'val.jsonl'}: not found"):
         finetune.main(["--data", str(learnable_data), *base])
     (learnable_data / "val.jsonl").write_text("\n")
-    with pytest.raises(SystemExit, match=f"{learnable_data / 'val.jsonl'}: the val split is empty"):
+    with pytest.raises(RunError, match=f"{learnable_data / 'val.jsonl'}: the val split is empty"):
         finetune.main(["--data", str(learnable_data), *base])
     write_split(learnable_data, "train", [howto_records(TRAIN_APPS)[0], {"prompt": "How?", "response": "Open it"}])
-    with pytest.raises(SystemExit, match=f"{learnable_data / 'train.jsonl'}:2: field 'response'"):
+    with pytest.raises(RunError, match=f"{learnable_data / 'train.jsonl'}:2: field 'response'"):
         finetune.main(["--data", str(learnable_data), *base])
 
 
@@ -491,7 +615,7 @@ def test_trl_api_pin(learnable_data, tmp_path):
     assert isinstance(trainer, SFTTrainer) and trainer.processing_class is tokenizer
     assert trainer.args.max_length == 128 and trainer.args.completion_only_loss
     assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id  # Mistral's <pad> is no vocabulary entry
-    assert trainer.model.config._attn_implementation == "eager"  # flops.cpu_plan's attention, on a CPU
+    assert trainer.model.config._attn_implementation == "eager"  # device.cpu_plan's attention, on a CPU
 
 
 def test_cpu_plan_compiles_decoder_layers_to_the_same_loss_and_gradients(learnable_data, tmp_path):
@@ -567,17 +691,19 @@ def test_cpu_loss_runs_in_the_runs_mixed_precision(learnable_data, tmp_path):
 
 
 def test_compiled_kernels_are_cached_beside_the_models(tmp_path, monkeypatch):
-    """Inductor's folder, as torch resolves it once finetune's imports are done (transformers' import settles it), is
-    under HOWTO_CACHE rather than the temp folder; a TORCHINDUCTOR_CACHE_DIR of the user's own wins."""
-    from howto import models
+    """Inductor's folder, as torch resolves it once finetune.main has set the process up and transformers is imported
+    (its import settles the folder), is under HOWTO_CACHE rather than the temp folder; a TORCHINDUCTOR_CACHE_DIR of
+    the user's own wins."""
+    from howto import runtime
 
-    code = "import finetune; from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())"
+    code = ("import finetune\ntry:\n    finetune.main(['--help'])\nexcept SystemExit:\n    pass\nimport transformers\n"
+            "from torch._inductor.runtime.cache_dir_utils import cache_dir\nprint(cache_dir())")
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HOWTO_CACHE": str(tmp_path)},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == str(tmp_path / "torch-compile")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    models.compile_cache()
+    runtime.compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 

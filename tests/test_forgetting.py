@@ -7,6 +7,7 @@ import json
 import pytest
 
 from howto import forgetting
+from howto.runio import RunError
 
 
 def test_bundled_probe_covers_every_kind_of_question():
@@ -22,10 +23,10 @@ def test_bad_probe_records_name_the_line_and_field(tmp_path):
     path = tmp_path / "probe.jsonl"
     path.write_text(json.dumps({"prompt": "Hi?", "answer": "Hello.", "kind": "fact"}) + "\n" +
                     json.dumps({"prompt": "Sum?", "answer": "", "kind": "arithmetic"}) + "\n")
-    with pytest.raises(SystemExit, match=r"probe\.jsonl:2: field 'answer'"):
+    with pytest.raises(RunError, match=r"probe\.jsonl:2: field 'answer'"):
         forgetting.read_probe(path)
     path.write_text(json.dumps({"prompt": "Hi?", "answer": "Hello.", "kind": "poem"}) + "\n")
-    with pytest.raises(SystemExit, match=r"probe\.jsonl:1: field 'kind'"):
+    with pytest.raises(RunError, match=r"probe\.jsonl:1: field 'kind'"):
         forgetting.read_probe(path)
 
 

@@ -62,8 +62,8 @@ def test_looping_answers_are_counted_and_never_called_better(looping_run):
     assert "not better" in (out / "report.html").read_text()
 
 
-def comparison(delta, low, high):
-    return {"delta": delta, "ci_low": low, "ci_high": high}
+def comparison(delta, low, high, n=20):
+    return {"delta": delta, "ci_low": low, "ci_high": high, "n": n}
 
 
 def test_an_export_that_loops_more_than_its_adapter_is_worse():

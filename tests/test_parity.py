@@ -7,6 +7,7 @@ import pytest
 
 import evaluate
 from howto import parity
+from howto.runio import RunError
 
 
 def test_run_folder_exports_are_its_gguf_files_else_its_merged_model(tmp_path):
@@ -22,8 +23,8 @@ def test_run_folder_exports_are_its_gguf_files_else_its_merged_model(tmp_path):
     assert parity.find_exports(tmp_path / "gguf" / "model-q8_0.gguf") == []
 
 
-def comparison(delta, low, high):
-    return {"delta": delta, "ci_low": low, "ci_high": high}
+def comparison(delta, low, high, n=20):
+    return {"delta": delta, "ci_low": low, "ci_high": high, "n": n}
 
 
 @pytest.mark.parametrize("f1,order,expected", [
@@ -33,7 +34,10 @@ def comparison(delta, low, high):
     (comparison(-0.01, -0.015, -0.005), comparison(0.0, 0.0, 0.0), "same"),     # real but within the tolerance
     (comparison(0.04, 0.01, 0.07), comparison(0.0, 0.0, 0.0), "better"),
     (comparison(0.04, 0.01, 0.07), comparison(-0.1, -0.2, -0.03), "worse"),     # worse on one is worse
-    (comparison(None, None, None), comparison(0.0, 0.0, 0.0), "same"),
+    (comparison(None, None, None, n=0), comparison(0.0, 0.0, 0.0), "same"),
+    (comparison(-0.5, -0.5, -0.5, n=1), comparison(-0.5, -0.5, -0.5, n=1), "too few paired prompts"),
+    (comparison(-0.05, -0.08, -0.02, n=5), comparison(0.0, -0.01, 0.01, n=5), "too few paired prompts"),
+    (comparison(-0.05, -0.08, -0.02, n=6), comparison(0.0, -0.01, 0.01, n=2), "worse"),  # judged where it can be
 ])
 def test_verdict_against_the_tolerance(f1, order, expected):
     assert parity.verdict({"bertscore_f1": f1, "order_accuracy": order}, tolerance=0.02) == expected
@@ -54,8 +58,17 @@ def test_identical_share_and_differences_pair_by_prompt():
 def test_fail_on_regression_makes_a_worse_export_an_error(tmp_path):
     metrics = {"parity": {"exports": {"gguf-q4_k_m": {"verdict": "worse"}, "gguf-q8_0": {"verdict": "same"}}}}
     args = argparse.Namespace(fail_on_regression=True, parity_tolerance=0.02, out=str(tmp_path))
-    with pytest.raises(SystemExit, match="gguf-q4_k_m scored worse than the adapter"):
+    with pytest.raises(RunError, match="gguf-q4_k_m scored worse than the adapter"):
         evaluate.check_regression(metrics, args)
     evaluate.check_regression(metrics, argparse.Namespace(**{**vars(args), "fail_on_regression": False}))
     metrics["parity"]["exports"]["gguf-q4_k_m"]["verdict"] = "better"
     evaluate.check_regression(metrics, args)
+
+
+def test_fail_on_regression_does_not_pass_an_export_judged_on_too_few_prompts(tmp_path):
+    metrics = {"parity": {"exports": {"gguf-q8_0": {"verdict": "too few paired prompts"}}}}
+    args = argparse.Namespace(fail_on_regression=True, parity_tolerance=0.02, out=str(tmp_path))
+    with pytest.raises(RunError, match="gguf-q8_0: too few paired prompts \\(fewer than 6\\) to tell whether it is "
+                                         "worse than the adapter"):
+        evaluate.check_regression(metrics, args)
+    evaluate.check_regression(metrics, argparse.Namespace(**{**vars(args), "fail_on_regression": False}))

@@ -9,15 +9,11 @@ import json
 import random
 import re
 import string
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from howto.pii import (PLACEHOLDER_RE, PLACEHOLDERS, luhn_valid, name_detection_available, redact,  # noqa: E402
+from howto.pii import (PLACEHOLDER_RE, PLACEHOLDERS, luhn_valid, name_detection_available, redact,
                        redact_record)
 
 STRUCTURED = ("EMAIL", "CARD", "IBAN", "IP", "URL", "PHONE")

@@ -14,6 +14,7 @@ from rich.console import Console
 
 import finetune
 from howto import chat, preflight
+from howto.runio import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -109,7 +110,7 @@ def test_show_examples_exits_on_a_failed_check_and_saves_the_token_view(mistral_
     assert len(rows) == len(encoded[0]["input_ids"])
     assert rows[0][2:] == ["masked", "'<s>'"] and rows[-1][2:] == ["trained", "'</s>'"]
     encoded[1]["completion_mask"] = [0] * len(encoded[1]["completion_mask"])
-    with pytest.raises(SystemExit, match=r"^preflight: (.|\n)*1 record\(s\) train on no token"):
+    with pytest.raises(RunError, match=r"^preflight: (.|\n)*1 record\(s\) train on no token"):
         preflight.show_examples(mistral_tokenizer, placed(RECORDS), encoded, 1024,
                                 finetune.sft_collator(mistral_tokenizer), Console(record=True))
 
@@ -168,7 +169,7 @@ def test_lora_count_matches_peft_on_the_tiny_model(tiny_model):
 def test_too_big_names_the_flags_to_turn_down():
     args = finetune.parse(["--data", "DATA", "--out", "OUT", "--gpu-memory", "16", "--batch-size", "16",
                            "--max-seq-length", "8192", "--no-load-in-4bit", "--lora-r", "256"])
-    with pytest.raises(SystemExit, match=r"more than the 16 GB of --gpu-memory: turn down --batch-size \(now 16; "
+    with pytest.raises(RunError, match=r"more than the 16 GB of --gpu-memory: turn down --batch-size \(now 16; "
                                          r".*--max-seq-length \(now 8192\), --lora-r \(now 256\), --load-in-4bit"):
         preflight.check_memory("mistralai/Mistral-7B-Instruct-v0.3", args, Console(record=True))
     args = finetune.parse(["--data", "DATA", "--out", "OUT", "--gpu-memory", "16"])  # the T4 defaults fit
@@ -217,13 +218,13 @@ def test_dry_run_refuses_what_a_t4_cannot_hold(data_dir, tmp_path):
 
 
 def test_gguf_export_without_llama_cpp_is_refused_before_training(data_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--export gguf: llama.cpp's tools cannot be had now"):
+    with pytest.raises(RunError, match="--export gguf: llama.cpp's tools cannot be had now"):
         finetune.main(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--model", "tiny", "--export",
                        "gguf", "--quant", "q8_0", "--llama-cpp", str(tmp_path / "no-llama-cpp"), "--dry-run"])
 
 
 def test_estimate_is_within_20_percent_of_published_measurements():
-    """The figures the README compares with: LLaMA-Factory's Unsloth runs of LLaMA2-7B (batch 1, r 8) and Unsloth's
+    """The figures the manual compares with: LLaMA-Factory's Unsloth runs of LLaMA2-7B (batch 1, r 8) and Unsloth's
     longest Llama-3.1-8B sequence in 16 GB (batch 1, r 32)."""
     llama2 = preflight.Architecture.from_config({"hidden_size": 4096, "num_hidden_layers": 32,
                                                   "num_attention_heads": 32, "intermediate_size": 11008,

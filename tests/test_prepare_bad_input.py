@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
-import prepare_data as pd
+import prepare_data
 from howto.runio import RunError
 from test_prepare_data import OUTPUTS, all_records, distinct_records, prepare, read_split, write_jsonl
 
@@ -21,7 +22,7 @@ def test_small_data_gives_val_and_test_a_record_and_says_so(tmp_path, capsys, n)
     records = [r for category in ("a", "b", "c", "d", "e") for r in distinct_records(category, max(1, n // 5))][:n]
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out) == 0
-    sizes = [len(read_split(out, name)) for name in pd.SPLITS]
+    sizes = [len(read_split(out, name)) for name in prepare_data.SPLITS]
     assert sum(sizes) == n and min(sizes) >= 1
     if n == 3:
         assert "warning: the split train 1 / val 1 / test 1 is off the fractions asked" in capsys.readouterr().err
@@ -40,7 +41,7 @@ def test_many_small_categories_keep_the_fractions(tmp_path):
     records = [r for k in range(30) for r in distinct_records(f"c{k}", 3)]  # 3 records a category: 2.4/0.3/0.3
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out) == 0
-    assert [len(read_split(out, name)) for name in pd.SPLITS] == [72, 9, 9]
+    assert [len(read_split(out, name)) for name in prepare_data.SPLITS] == [72, 9, 9]
 
 
 # ------------------------------------------------------------------------------- 2. --config, checked as flags
@@ -65,7 +66,7 @@ def test_config_values_go_through_the_flags_checks(tmp_path, capsys, setting, me
 def test_config_switch_written_as_no_is_off(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text('skip_invalid: "no"\nprepare_data:\n  keep_case: "yes"\n  split: [0.6, 0.2, 0.2]\n')
-    args = pd.parse(["d.jsonl", "--out", "o", "--config", str(config)])
+    args = prepare_data.parse(["d.jsonl", "--out", "o", "--config", str(config)])
     assert (args.skip_invalid, args.keep_case, args.split) == (False, True, (0.6, 0.2, 0.2))
 
 
@@ -141,7 +142,7 @@ def test_a_failed_rerun_leaves_the_previous_outputs_whole(tmp_path, monkeypatch,
     def broken_plot(*args):
         raise RunError("plotting failed")
 
-    monkeypatch.setattr(pd, "plot_distributions", broken_plot)
+    monkeypatch.setattr(prepare_data, "plot_distributions", broken_plot)
     assert prepare(path, "--out", out, "--seed", "2") == 1  # fails after the splits were written
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # no half-built folder left
@@ -202,3 +203,47 @@ def test_no_report_is_promised_when_none_is_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: 5 records over 10 tokens, dropped" in err and "error: no record fits in --max-seq-length 10" in err
     assert "report.md" not in err
+
+
+# ------------------------------------------------------------------------------------ 9. the second pass (issue 19)
+@pytest.mark.parametrize("flags", [[], ["--keep-punctuation"], ["--keep-case", "--keep-punctuation"]])
+def test_control_and_bidi_characters_are_dropped_whatever_the_punctuation_setting(tmp_path, flags):
+    """Issue 19: NUL, ESC and bidi controls were kept in train.jsonl under --keep-punctuation."""
+    records = distinct_records("a", 10)
+    records[0]["prompt"] = "How do I\x00 reset\x1b[31m my \u202epin\u202c in \u2066Bank\u2069?\u200b"
+    records[0]["response"][0] = "Open\x07 the \u200fapp\x9b.\ufeff"
+    out = tmp_path / "out"
+    assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out, "--split", "1,0,0", *flags) == 0
+    written = read_split(out, "train")
+    texts = [text for r in written for text in (r["prompt"], *r["response"])]
+    invisible = "\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
+    assert not [c for text in texts for c in text if ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or c in invisible]
+    record = next(r for r in written if r["prompt"].lower().startswith("how do i reset my pin in bank"))
+    assert record["response"][0].lower().startswith("open the app")
+
+
+def test_html_in_records_and_file_names_is_shown_not_rendered_in_report_md(tmp_path):
+    """Issue 19: raw `<script>` and `<img onerror>` from prompts and names went into report.md."""
+    records = distinct_records("<img src=x onerror=alert(1)>", 10)
+    records[3] = {**records[0], "prompt": "<script>alert(2)</script> " + records[0]["prompt"]}  # an exact duplicate
+    records.append({"prompt": "<b>bold</b> How do I x?", "response": ["<script>alert(3)</script>"]})  # invalid
+    folder = tmp_path / "<img src=x onerror=alert(4)>"
+    folder.mkdir()
+    out = tmp_path / "out"
+    assert prepare(write_jsonl(folder / "d`<i>.jsonl", records), "--out", out, "--skip-invalid",
+                   "--keep-case", "--keep-punctuation") == 0
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "alert(1)" in report and "alert(4)" in report and "&lt;img src=x" in report
+    outside_code = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", report)  # inline code spans render no HTML
+    assert not re.search(r"<[A-Za-z/!?]", outside_code), re.findall(r".*<[A-Za-z/!?].*", outside_code)
+    assert "``" in report  # the file name with a backtick in it is fenced by two
+
+
+def test_front_matter_with_aliases_is_refused_like_a_config(tmp_path):
+    """Issue 19: a YAML bomb under one key hung; a page's front matter goes through the same loader."""
+    from howto.collect import markdown_blocks
+
+    page = ("---\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "title: [*b, *b]\n---\n1. Open the app\n2. Tap Save\n")
+    blocks, title = markdown_blocks(page)
+    assert title == "" and blocks

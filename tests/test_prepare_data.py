@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-import prepare_data as pd
+import prepare_data
 from chat_server import chat_server
 from howto.chat import encode_example
 from howto.collect import collect_inputs
@@ -65,7 +65,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def prepare(*args: str | Path) -> int:
-    return pd.main([str(a) for a in args])
+    return prepare_data.main([str(a) for a in args])
 
 
 def read_split(out: Path, name: str) -> list[dict]:
@@ -73,7 +73,7 @@ def read_split(out: Path, name: str) -> list[dict]:
 
 
 def all_records(out: Path) -> list[dict]:
-    return [r for name in pd.SPLITS for r in read_split(out, name)]
+    return [r for name in prepare_data.SPLITS for r in read_split(out, name)]
 
 
 # ---------------------------------------------------------------------------------------------- 1. validation
@@ -108,7 +108,7 @@ BAD_RECORDS = [
     ({"prompt": "q?", "response": ["Open the app"]}, "response", "only one step"),
     ({"prompt": "q?", "response": ["a", 3]}, "response[1]", "step must be a string, got number"),
     ({"prompt": "q?", "response": ["a", "  "]}, "response[1]", "empty step"),
-    ({"prompt": "q?", "response": "Open the app"}, "response", "must be an array"),
+    ({"prompt": "q?", "response": "Open the app"}, "response", "must be a list of steps"),
     ({"prompt": "q?"}, "response", "missing"),
     ({"prompt": "q?", "response": ["a", "b"], "category": ["x"]}, "category", "must be a string, got array"),
     (["not", "an", "object"], "(record)", "expected an object"),
@@ -192,9 +192,9 @@ def test_alpaca_csv_and_folder_inputs_become_the_same_record(tmp_path):
         writer.writerow(["How do I pay a bill?", json.dumps(["Open Pay.", "Tap Bills.", "Tap Pay."]), "banking"])
         writer.writerow(["How do I freeze a card?", "1. Open Cards.\n2. Tap Freeze.", ""])
         writer.writerow(["How do I close it?", "Step 1: only this", "banking"])
-    files = pd.find_input_files([str(folder)])
-    raws = pd.load_inputs(files, collect_inputs(files))
-    items, invalid, unknown = pd.validate_records(raws)
+    files = prepare_data.find_input_files([str(folder)])
+    raws = prepare_data.load_inputs(files, collect_inputs(files))
+    items, invalid, unknown = prepare_data.validate_records(raws)
     assert not any(raw.problem for raw in raws) and not unknown
     assert [i.record for i in items] == [
         {"prompt": "How do I export contacts?\nOn Android.",
@@ -221,11 +221,12 @@ def test_rerun_on_a_folder_does_not_read_its_own_outputs(tmp_path):
 # -------------------------------------------------------------------------------------------- 2. normalisation
 def test_normalisation_lowercases_strips_punctuation_and_keeps_placeholders():
     text = "Tap 'Forgot Password' — then e-mail [EMAIL], don't   wait! Code: 4821."
-    assert pd.normalize_text(text) == "tap forgot password then e mail [EMAIL] dont wait code 4821"
-    assert pd.normalize_text(text, lowercase=False) == "Tap Forgot Password then e mail [EMAIL] dont wait Code 4821"
-    assert pd.normalize_text(text, strip_punctuation=False) == \
+    assert prepare_data.normalize_text(text) == "tap forgot password then e mail [EMAIL] dont wait code 4821"
+    assert prepare_data.normalize_text(text, lowercase=False) == \
+        "Tap Forgot Password then e mail [EMAIL] dont wait Code 4821"
+    assert prepare_data.normalize_text(text, strip_punctuation=False) == \
         "tap 'forgot password' — then e-mail [EMAIL], don't wait! code: 4821."
-    assert pd.normalize_text("Call ([PHONE]) or [EMAIL].\n") == "call [PHONE] or [EMAIL]"
+    assert prepare_data.normalize_text("Call ([PHONE]) or [EMAIL].\n") == "call [PHONE] or [EMAIL]"
 
 
 def test_normalisation_flags_change_the_written_records(tmp_path):
@@ -243,8 +244,8 @@ def test_numbering_written_into_the_steps_is_dropped(tmp_path):
     records[0]["response"] = ["1. Open the app", "2. Tap 'Profile'", "3. Tap 'Sign out'"]
     prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", tmp_path / "a", "--split", "1,0,0", "--keep-case")
     written = {r["prompt"]: r["response"] for r in read_split(tmp_path / "a", "train")}
-    assert written[pd.normalize_text(records[0]["prompt"], lowercase=False)] == ["Open the app", "Tap Profile",
-                                                                                 "Tap Sign out"]
+    assert written[prepare_data.normalize_text(records[0]["prompt"], lowercase=False)] == \
+        ["Open the app", "Tap Profile", "Tap Sign out"]
 
 
 # ------------------------------------------------------------------------------------------------------ 3. PII
@@ -274,19 +275,19 @@ def test_pii_is_replaced_before_anything_is_written(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 4. duplicates
-def duplicate_fixture() -> list[pd.Item]:
+def duplicate_fixture() -> list[prepare_data.Item]:
     records = distinct_records("shopping", 30) + distinct_records("travel", 30)
     exact = {**records[5], "prompt": records[5]["prompt"].upper() + "!!"}
     paraphrase = {**records[9], "prompt": records[9]["prompt"].replace("How do I", "What are the steps to")}
     paraphrase2 = {**records[40], "prompt": "help me with " + records[40]["prompt"].lower(),
                    "response": records[40]["response"][:3] + ["Confirm it."]}
-    items = [pd.Item(dict(r), f"rec {i}") for i, r in enumerate(records + [exact, paraphrase, paraphrase2])]
-    items, _ = pd.normalize_items(items, lowercase=True, strip_punctuation=True)
+    items = [prepare_data.Item(dict(r), f"rec {i}") for i, r in enumerate(records + [exact, paraphrase, paraphrase2])]
+    items, _ = prepare_data.normalize_items(items, lowercase=True, strip_punctuation=True)
     return items
 
 
 def test_exact_duplicates_are_removed_and_near_duplicates_grouped():
-    items, report = pd.deduplicate(duplicate_fixture(), threshold=0.6)
+    items, report = prepare_data.deduplicate(duplicate_fixture(), threshold=0.6)
     assert len(items) == 62
     assert report["exact_duplicates_removed"] == 1
     assert report["exact_duplicates"][0]["removed"] == "rec 60" and report["exact_duplicates"][0]["kept"] == "rec 5"
@@ -297,8 +298,8 @@ def test_exact_duplicates_are_removed_and_near_duplicates_grouped():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_near_duplicates_never_straddle_splits(seed):
-    items, _ = pd.deduplicate(duplicate_fixture(), threshold=0.6)
-    splits = pd.split_records(items, (0.34, 0.33, 0.33), seed)
+    items, _ = prepare_data.deduplicate(duplicate_fixture(), threshold=0.6)
+    splits = prepare_data.split_records(items, (0.34, 0.33, 0.33), seed)
     where = {item.origin: name for name, part in splits.items() for item in part}
     assert where["rec 9"] == where["rec 61"] and where["rec 40"] == where["rec 62"]
     assert sum(len(part) for part in splits.values()) == len(items)
@@ -307,8 +308,8 @@ def test_near_duplicates_never_straddle_splits(seed):
 def test_same_prompt_with_different_steps_is_grouped():
     records = distinct_records("email", 4)
     twin = {**records[0], "response": ["Something else entirely.", "And more."]}
-    items = [pd.Item(r, str(i)) for i, r in enumerate(records + [twin])]
-    _, report = pd.deduplicate(items, threshold=0.9)
+    items = [prepare_data.Item(r, str(i)) for i, r in enumerate(records + [twin])]
+    _, report = prepare_data.deduplicate(items, threshold=0.9)
     assert [[m["origin"] for m in g] for g in report["groups"]] == [["0", "4"]]
 
 
@@ -330,8 +331,8 @@ def test_balance_report_flags_thin_categories_and_plots(tmp_path):
 
 
 def test_distinct_n():
-    assert pd.distinct_n(["a b c", "a b d"], 1) == round(4 / 6, 4)
-    assert pd.distinct_n(["a b c", "a b d"], 2) == round(3 / 4, 4)
+    assert prepare_data.distinct_n(["a b c", "a b d"], 1) == round(4 / 6, 4)
+    assert prepare_data.distinct_n(["a b c", "a b d"], 2) == round(3 / 4, 4)
 
 
 # ------------------------------------------------------------------------------------------------- 7. tokens
@@ -350,8 +351,9 @@ def long_dataset() -> list[dict]:
 
 def test_token_lengths_are_reported_and_overlong_records_dropped(tmp_path, tokenizer):
     records = long_dataset()
-    lengths = sorted(len(encode_example(tokenizer, pd.normalize_text(r["prompt"]),
-                                        [pd.normalize_text(s) for s in r["response"]])["input_ids"]) for r in records)
+    lengths = sorted(len(encode_example(tokenizer, prepare_data.normalize_text(r["prompt"]),
+                                        [prepare_data.normalize_text(s) for s in r["response"]])["input_ids"])
+                     for r in records)
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out, "--max-seq-length", "200") == 0
     tokens = json.loads((out / "stats.json").read_text())["tokens"]
@@ -439,7 +441,7 @@ def test_split_is_stratified_by_category(tmp_path):
     random.Random(1).shuffle(records)
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out) == 0
-    counts = {name: Counter(r["category"] for r in read_split(out, name)) for name in pd.SPLITS}
+    counts = {name: Counter(r["category"] for r in read_split(out, name)) for name in prepare_data.SPLITS}
     assert counts["train"] == {"shopping": 32, "email": 16, "travel": 8}
     assert counts["val"] == {"shopping": 4, "email": 2, "travel": 1}
     assert counts["test"] == {"shopping": 4, "email": 2, "travel": 1}
@@ -469,7 +471,7 @@ def test_config_file_sets_the_flags(tmp_path):
     config.write_text("seed: 3\nprepare_data:\n  split: 0.5,0.25,0.25\n  keep_case: true\n", encoding="utf-8")
     out = tmp_path / "out"
     assert prepare(write_jsonl(tmp_path / "d.jsonl", records), "--out", out, "--config", config) == 0
-    assert [len(read_split(out, name)) for name in pd.SPLITS] == [10, 5, 5]
+    assert [len(read_split(out, name)) for name in prepare_data.SPLITS] == [10, 5, 5]
     assert read_split(out, "train")[0]["prompt"][0] == "H"
 
 
@@ -532,7 +534,7 @@ def test_augmentation_fills_thin_categories_through_the_full_pipeline(tmp_path, 
     assert stats["balance"]["categories"]["health_fitness"] == 4 + len(augmented)
     assert all(b"sk-test-not-logged-123" not in p.read_bytes() for p in out.iterdir())
     assert b"coach.kim" not in b"".join(p.read_bytes() for p in out.iterdir())
-    split_of = {r["prompt"]: name for name in pd.SPLITS for r in read_split(out, name)}
+    split_of = {r["prompt"]: name for name in prepare_data.SPLITS for r in read_split(out, name)}
     groups = stats["dedup"]["groups"]  # a paraphrase shares its original's steps: grouped, so in one split
     assert any(sum("could you explain" in m["prompt"] for m in g) == 5 and len(g) == 6 for g in groups)
     assert all(len({split_of[m["prompt"]] for m in g}) == 1 for g in groups)
@@ -553,7 +555,7 @@ def test_unreachable_augmentation_endpoint_is_a_clear_error(tmp_path, capsys, mo
 @pytest.mark.skipif(not (ROOT / "data" / "howto_steps.jsonl").exists(), reason="bundled dataset not present")
 def test_bundled_dataset(tmp_path, capsys):
     out = tmp_path / "out"
-    assert pd.main([str(ROOT / "data" / "howto_steps.jsonl"), "--out", str(out)]) == 0
+    assert prepare_data.main([str(ROOT / "data" / "howto_steps.jsonl"), "--out", str(out)]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["validation"]["skipped_count"] == 0
     assert stats["dedup"]["exact_duplicates_removed"] + stats["dedup"]["near_duplicate_groups"] == 13
@@ -563,6 +565,6 @@ def test_bundled_dataset(tmp_path, capsys):
     assert stats["tokens"]["over_limit"] == 0
     blob = b"".join((out / name).read_bytes() for name in OUTPUTS)
     assert b"@example.com" not in blob and b"NL91ABNA0417164300" not in blob
-    split_of = {r["prompt"]: name for name in pd.SPLITS for r in read_split(out, name)}
+    split_of = {r["prompt"]: name for name in prepare_data.SPLITS for r in read_split(out, name)}
     assert all(len({split_of[m["prompt"]] for m in g}) == 1 for g in stats["dedup"]["groups"])
     assert "prepare_data" in capsys.readouterr().out  # the summary table

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,11 +15,12 @@ from howto.llm import ChatClient
 from howto.ratings import (CRITERIA, RUBRIC, RUBRIC_ANCHORS, RatingsError, judge_outputs, read_ratings,
                            write_rating_sheet)
 
+
 SECRET = "sk-test-0123456789-do-not-leak"
 MARKER = "Double-check"  # the scripted judge prefers whichever output contains this word
 BASE, TUNED = "sys_base_model", "sys_tuned_model"
 SHEET_COLUMNS = ["item_id", "prompt", "reference", "output_A", "output_B", "A_correctness", "A_completeness",
-                 "A_clarity", "B_correctness", "B_completeness", "B_clarity", "rater"]
+                 "A_clarity", "B_correctness", "B_completeness", "B_clarity", "rater", "sheet_id", "key_hash"]
 
 
 def shown_outputs(body: dict[str, Any]) -> dict[str, str]:
@@ -155,38 +154,34 @@ KNOWN = {BASE: {"correctness": [2, 3, 2, 4, 3, 2], "completeness": [1, 2, 2, 3, 
 
 
 @pytest.fixture
-def sheet(tmp_path: Path) -> tuple[Path, Path, dict[str, dict[str, str]]]:
-    csv_path, html_path = write_rating_sheet(make_examples(6), tmp_path / "sheet", seed=0)
-    key = json.loads((tmp_path / "sheet" / "rating_key.json").read_text())
-    return csv_path, html_path, key
+def sheet(tmp_path: Path) -> tuple[Path, dict[str, dict[str, str]]]:
+    csv_path = write_rating_sheet(make_examples(6), tmp_path / "sheet", seed=0)
+    key = json.loads((tmp_path / "sheet" / "rating_key.json").read_text())["items"]
+    return csv_path, key
 
 
-def test_rating_sheet_is_blinded_and_complete(sheet):
-    csv_path, html_path, key = sheet
+def test_rating_sheet_is_blinded_complete_and_carries_its_keys_id(sheet):
+    csv_path, key = sheet
     examples = make_examples(6)
     with open(csv_path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == SHEET_COLUMNS and len(rows) == 6
     assert {tuple(v.values()) for v in key.values()} == {(BASE, TUNED), (TUNED, BASE)}  # both orders per prompt
+    full_key = json.loads((csv_path.parent / "rating_key.json").read_text())
     for row, example in zip(rows, examples):
         assert row["prompt"] == example["prompt"] and row["reference"] == render_steps(example["reference"])
         for label in "AB":
             assert row[f"output_{label}"] == render_steps(example["outputs"][key[row["item_id"]][label]])
-        assert all(row[c] == "" for c in SHEET_COLUMNS[5:])
-    page = html_path.read_text()
-    for text in (csv_path.read_text(), page):
-        assert BASE not in text and TUNED not in text  # which system is which is only in the key
-    assert page.count('class="card"') == 6
-    for item in key:
-        for column in SHEET_COLUMNS[5:11]:
-            assert all(f'name="{item}|{column}" value="{s}"' in page for s in range(1, 6))
-    data = json.loads(re.search(r'<script type="application/json" id="sheet-data">(.*?)</script>', page, re.S)[1])
-    assert data["columns"] == SHEET_COLUMNS
+        assert all(row[c] == "" for c in SHEET_COLUMNS[5:12])
+        assert (row["sheet_id"], row["key_hash"]) == (full_key["sheet_id"], full_key["key_hash"])
+    text = csv_path.read_text()
+    assert BASE not in text and TUNED not in text and full_key["salt"] not in text  # which is which: the key only
+    assert not list(csv_path.parent.glob("*.html"))  # the static form is gone: people rate on the page
 
 
 def test_round_trip_identical_raters_agree_fully(sheet, tmp_path):
-    csv_path, _, key = sheet
+    csv_path, key = sheet
     alice = fill_sheet(csv_path, key, KNOWN, tmp_path / "alice.csv")  # named by the file
     bob = fill_sheet(csv_path, key, KNOWN, tmp_path / "sheet_2.csv", rater="bob")  # named by the column
     result = read_ratings([alice, bob], tmp_path / "sheet" / "rating_key.json", systems=[BASE, TUNED])
@@ -205,7 +200,7 @@ def test_round_trip_identical_raters_agree_fully(sheet, tmp_path):
 
 
 def test_disagreeing_raters_agree_less_and_empty_cells_are_missing(sheet, tmp_path):
-    csv_path, _, key = sheet
+    csv_path, key = sheet
     noisy = {s: {c: list(v) for c, v in by_c.items()} for s, by_c in KNOWN.items()}
     noisy[BASE]["correctness"] = [4, 2, 3, 2, 5, 3]
     noisy[TUNED]["correctness"] = [3, 5, 5, 4, 3, 4]
@@ -236,7 +231,7 @@ def test_alpha_and_kappa_match_hand_computed_values(tmp_path):
     kappa = 1 - 4 / 6.5 = 5/13.
     """
     examples = make_examples(2)
-    csv_path, _ = write_rating_sheet(examples, tmp_path, seed=0)
+    csv_path = write_rating_sheet(examples, tmp_path, seed=0)
     by_label = {"ann": [(1, 2), (3, 1)], "ben": [(1, 2), (3, 3)]}  # per item: (A_correctness, B_correctness)
     files = []
     for rater, per_item in by_label.items():
@@ -259,7 +254,7 @@ def test_alpha_and_kappa_match_hand_computed_values(tmp_path):
 
 @pytest.mark.parametrize("bad", ["7", "good", "4.5", "0"])
 def test_a_bad_cell_names_file_line_and_column(sheet, tmp_path, bad):
-    csv_path, _, key = sheet
+    csv_path, key = sheet
     filled = fill_sheet(csv_path, key, KNOWN, tmp_path / "dora.csv")
     with open(filled, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -278,7 +273,7 @@ def test_a_bad_cell_names_file_line_and_column(sheet, tmp_path, bad):
 
 
 def test_unknown_item_and_missing_columns_are_errors(sheet, tmp_path):
-    csv_path, _, key = sheet
+    csv_path, key = sheet
     filled = fill_sheet(csv_path, key, KNOWN, tmp_path / "erin.csv")
     text = filled.read_text()
     (tmp_path / "renamed.csv").write_text(text.replace("item-002,", "item-999,"))
@@ -289,30 +284,72 @@ def test_unknown_item_and_missing_columns_are_errors(sheet, tmp_path):
         read_ratings([tmp_path / "nocol.csv"], tmp_path / "sheet" / "rating_key.json")
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the form's JavaScript")
-def test_html_form_downloads_a_sheet_that_reads_back(sheet, tmp_path):
-    """Run the form's own script in node with the radio values a rater would tick, and read its CSV back."""
-    _, html_path, key = sheet
-    page = html_path.read_text()
-    data = re.search(r'<script type="application/json" id="sheet-data">(.*?)</script>', page, re.S)[1]
-    script = re.search(r"<script>(.*?)</script>", page, re.S)[1]
-    items = list(key)
-    ticked = {f"{item}|{label}_{criterion}": str(KNOWN[system][criterion][i])
-              for i, item in enumerate(items) for label, system in key[item].items() for criterion in CRITERIA}
-    del ticked[f"{items[2]}|A_clarity"]  # one left unrated
-    stub = (f"{{getElementById: id => id === 'sheet-data' ? {{textContent: {json.dumps(data)}}}"
-            f" : {{addEventListener() {{}}}}}}")
-    program = (f"globalThis.document = {stub};\n{script}\n"
-               f"process.stdout.write(buildCsv(DATA, {json.dumps(ticked)}, 'frank'));\n")
-    downloaded = subprocess.run(["node", "-e", program], capture_output=True, text=True, check=True).stdout
-    (tmp_path / "ratings_frank.csv").write_text(downloaded)
+def test_a_sheet_read_with_a_rewritten_key_is_refused_not_unblinded_backwards(sheet, tmp_path):
+    """Issue 19: a key rewritten with another seed used to unblind an old sheet backwards without a word."""
+    csv_path, key = sheet
+    filled = fill_sheet(csv_path, key, KNOWN, tmp_path / "gil.csv", rater="gil")
+    old_key = json.loads((csv_path.parent / "rating_key.json").read_text())
+    other = tmp_path / "other"
+    write_rating_sheet(make_examples(6), other, seed=3)
+    new_key = json.loads((other / "rating_key.json").read_text())
+    assert new_key["items"] != old_key["items"]
+    with pytest.raises(RatingsError) as error:
+        read_ratings([filled], other / "rating_key.json", systems=[BASE, TUNED])
+    message = str(error.value)
+    assert str(filled) in message and "line 2" in message
+    assert old_key["sheet_id"] in message and new_key["sheet_id"] in message and "--ratings-key" in message
+    assert read_ratings([filled], csv_path.parent / "rating_key.json")["means"][TUNED]["correctness"] == \
+        pytest.approx(26 / 6)  # with its own key it reads as rated
 
-    result = read_ratings([tmp_path / "ratings_frank.csv"], tmp_path / "sheet" / "rating_key.json",
-                          systems=[BASE, TUNED])
-    assert result["raters"] == ["frank"] and result["missing"] == 1
-    assert result["means"][BASE]["correctness"] == pytest.approx(16 / 6)
-    assert result["agreement"]["correctness"] == {"krippendorff_alpha": None, "weighted_kappa": None}
-    with open(tmp_path / "ratings_frank.csv", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        first = next(reader)
-    assert reader.fieldnames == SHEET_COLUMNS and first["reference"] == render_steps(make_examples(1)[0]["reference"])
+
+def test_a_key_with_a_sheet_out_is_kept_on_a_rerun_and_replaced_only_when_forced(sheet, tmp_path):
+    csv_path, key = sheet
+    folder = csv_path.parent
+    before = (folder / "rating_key.json").read_text()
+    filled = fill_sheet(csv_path, key, KNOWN, tmp_path / "hana.csv", rater="hana")
+    write_rating_sheet(make_examples(6), folder, seed=0)  # the same sheet again: key and sheet untouched
+    write_rating_sheet(make_examples(6), folder, seed=0, force=True)
+    assert (folder / "rating_key.json").read_text() == before
+    with pytest.raises(RatingsError, match=r"rating_key\.json unblinds sheet \w+, which may be out with raters.*"
+                                           r"--force-new-sheet"):
+        write_rating_sheet(make_examples(6), folder, seed=3)
+    assert (folder / "rating_key.json").read_text() == before
+    write_rating_sheet(make_examples(6), folder, seed=3, force=True)
+    assert json.loads((folder / "rating_key.json").read_text())["sheet_id"] != json.loads(before)["sheet_id"]
+    with pytest.raises(RatingsError, match="hana.csv: line 2: this row is from sheet"):
+        read_ratings([filled], folder / "rating_key.json")
+
+
+def test_a_key_edited_by_hand_or_without_a_sheet_id_is_refused(sheet, tmp_path):
+    csv_path, key = sheet
+    filled = fill_sheet(csv_path, key, KNOWN, tmp_path / "ida.csv")
+    data = json.loads((csv_path.parent / "rating_key.json").read_text())
+    swapped = {item: {"A": labels["B"], "B": labels["A"]} for item, labels in data["items"].items()}
+    (tmp_path / "edited.json").write_text(json.dumps({**data, "items": swapped}))
+    with pytest.raises(RatingsError, match=r"edited\.json: the key's hash does not match"):
+        read_ratings([filled], tmp_path / "edited.json")
+    (tmp_path / "legacy.json").write_text(json.dumps(data["items"]))  # the format before keys had ids
+    with pytest.raises(RatingsError, match=r"legacy\.json: a rating key without a sheet id"):
+        read_ratings([filled], tmp_path / "legacy.json")
+
+
+def test_a_sheet_with_rows_deleted_is_not_reported_complete(sheet, tmp_path):
+    csv_path, key = sheet
+    filled = fill_sheet(csv_path, key, KNOWN, tmp_path / "jo.csv", rater="jo")
+    with open(filled, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(filled, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SHEET_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows[:4])  # two items deleted, every remaining cell filled
+    result = read_ratings([filled], csv_path.parent / "rating_key.json", systems=[BASE, TUNED])
+    assert result["absent_items"] == 2 and result["missing"] == 2 * 6 and result["items"] == 6
+    assert result["n"][TUNED]["clarity"] == 4
+
+
+def test_a_binary_sheet_names_the_file(sheet, tmp_path):
+    csv_path, _ = sheet
+    binary = tmp_path / "scan.csv"
+    binary.write_bytes(b"item_id,A_correctness\n\xff\xfe\x00\x81garbage\n")
+    with pytest.raises(RatingsError, match=r"scan\.csv: not UTF-8 text \(byte \d+\)"):
+        read_ratings([binary], csv_path.parent / "rating_key.json")

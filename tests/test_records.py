@@ -19,7 +19,8 @@ def test_read_clean_gives_clean_records_with_their_lines(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    ('{"prompt": "q?", "response": "a"}', "t.jsonl:2: field 'response': must be an array of step strings"),
+    ('{"prompt": "q?", "response": "a"}', "t.jsonl:2: field 'response': must be a list of steps, a JSON array of "
+                                          "strings like"),
     ('{"prompt": "q?", "response": ["a", "b"]', "t.jsonl:2:40: malformed JSON at line 2, column 40: Expecting ',' delimiter; the text ends before"),
     ('{"prompt": "q?", "prompt": "r?", "response": ["a", "b"]}', "t.jsonl:2: record index 1, key 'prompt' written"),
     ('["q?"]', "t.jsonl:2: field '(record)': expected an object"),
@@ -46,3 +47,13 @@ def test_jsonl_lines_are_counted_with_blank_ones_and_a_broken_line_names_its_col
     assert [(raw.line, raw.data) for raw in read_records(path)] == [(1, {"a": 1}), (3, {"a": 2})]
     path.write_text('{"a": 1}\n{"a": 2,,}\n')
     assert read_records(path)[1].problem.startswith(f"{path}:2:9: malformed JSON at line 2, column 9")
+
+
+def test_a_string_where_a_list_of_steps_belongs_says_what_to_write(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "q?", "response": "Open the app. Tap Settings."}\n')
+    with pytest.raises(RunError) as error:
+        read_clean(path)
+    assert str(error.value) == (f"{path}:1: field 'response': must be a list of steps, a JSON array of strings like "
+                                '["Open the app.", "Tap Settings."], got string (one string holds no steps: split '
+                                "it, one string a step)")

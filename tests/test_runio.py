@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, figure_png, hash_files, markdown_table,
-                         parse_args, positive_int, pyplot, write_run_info)
+from howto.runio import (RunError, atomic_dir, atomic_write_text, check_out_dir, figure_png, hash_files, load_yaml,
+                         markdown_code, markdown_fence, markdown_table, markdown_text, parse_args, positive_int, pyplot,
+                         write_json, write_jsonl, write_run_info)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +39,12 @@ def test_config_sets_defaults_and_flags_win(tmp_path):
 def test_unknown_key_in_the_scripts_section_is_an_error(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("data: d\nbatch_size: 4\nfinetune:\n  learning_rat: 0.1\n")
-    args = parse_args(make_parser(), ["--config", str(config)], section="evaluate")
+    sibling = argparse.ArgumentParser()
+    sibling.add_argument("--batch-size", type=int)
+    args = parse_args(make_parser(), ["--config", str(config)], section="evaluate", siblings=lambda: [sibling])
     assert args.data == "d" and not hasattr(args, "batch_size")  # shared keys another script uses are skipped
     with pytest.raises(SystemExit):
-        parse_args(make_parser(), ["--config", str(config)], section="finetune")
+        parse_args(make_parser(), ["--config", str(config)], section="finetune", siblings=lambda: [sibling])
     assert "unknown setting 'learning_rat' under finetune:" in capsys.readouterr().err
 
 
@@ -121,10 +124,11 @@ def test_config_values_are_converted_and_checked_like_flags(tmp_path, capsys):
 
 def test_run_error_is_one_line_and_exit_code_1(tmp_path):
     error = RunError("data.jsonl:3: field 'prompt': missing")
-    assert isinstance(error, SystemExit) and error.code == "error: data.jsonl:3: field 'prompt': missing"
-    assert str(error) == "data.jsonl:3: field 'prompt': missing"
+    assert isinstance(error, Exception), "an ordinary exception: a notebook's `except Exception` catches it"
+    assert str(error) == error.message == "data.jsonl:3: field 'prompt': missing"
     script = tmp_path / "fails.py"
-    script.write_text("from howto.runio import RunError\nraise RunError('it cannot work')\n")
+    script.write_text("from howto.runio import RunError, run_script\n\n\ndef main(argv):\n"
+                      "    raise RunError('it cannot work')\n\n\nrun_script(main)\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert (proc.returncode, proc.stderr) == (1, "error: it cannot work\n")
@@ -169,3 +173,57 @@ def test_markdown_table_and_png():
     png = figure()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png == figure()  # same figure, same bytes
     assert not plt.get_fignums()  # closed
+
+
+BILLION_LAUGHS = """data: d
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+learning_rate: [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+@pytest.mark.timeout(20)
+def test_config_with_a_billion_laughs_of_aliases_is_refused_at_once_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "laughs.yaml"
+    config.write_text(BILLION_LAUGHS)
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(make_parser(), ["--config", str(config)], section="finetune")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert error.endswith(f"--config {config}:3:8: YAML alias *a is not accepted here (aliases can stand for "
+                          "billions of values); write the value out")
+
+
+def test_yaml_loader_reads_plain_yaml_and_refuses_aliases_and_python_tags():
+    assert load_yaml("a: 1\nb: [x, y]\n") == {"a": 1, "b": ["x", "y"]}
+    assert load_yaml("a: &anchor 1\n") == {"a": 1}  # an anchor alone repeats nothing
+    for text in ("a: &x 1\nb: *x\n", "a: !!python/object/apply:os.system [echo]\n"):
+        with pytest.raises(yaml.YAMLError):
+            load_yaml(text)
+
+
+def test_non_finite_values_are_refused_before_any_json_is_written(tmp_path):
+    with pytest.raises(RunError, match=r"metrics.json: not written: val\[1\].loss is nan, which JSON cannot hold"):
+        write_json(tmp_path / "metrics.json", {"val": [{"loss": 1.0}, {"loss": float("nan")}]})
+    with pytest.raises(RunError, match=r"rows.jsonl: not written: seconds is -inf"):
+        write_jsonl(tmp_path / "rows.jsonl", [{"seconds": 1.0}, {"seconds": float("-inf")}])
+    assert list(tmp_path.iterdir()) == []
+    write_json(tmp_path / "ok.json", {"best_val_loss": None, "n": 3})  # null: a value legitimately undefined
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"best_val_loss": None, "n": 3}
+
+
+def test_markdown_helpers_show_html_from_data_as_written():
+    assert markdown_text("<script>alert(1)</script> p <0.001, a < b") == \
+        "&lt;script>alert(1)&lt;/script> p <0.001, a < b"
+    assert markdown_text('<img src=x onerror="alert(1)"><!-- x -->') == '&lt;img src=x onerror="alert(1)">&lt;!-- x -->'
+    assert markdown_table(["<b>name</b>"], [["<img src=x onerror=alert(1)>"]]) == \
+        "| &lt;b>name&lt;/b> |\n|---|\n| &lt;img src=x onerror=alert(1)> |"
+    assert markdown_code("a`b") == "``a`b``" and markdown_code("`x") == "`` `x ``"
+    assert markdown_fence("```\n<script>") == "````text\n```\n<script>\n````"

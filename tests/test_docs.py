@@ -1,24 +1,26 @@
-"""The README as a newcomer follows it: its commands exist, its flags are the scripts' real flags, and every flag and
-every config key the scripts accept is where the README says it is."""
+"""The README and the manual in docs/ as a newcomer follows them: the commands exist, every flag named is a real flag of
+the script it follows, the flag reference is what the parsers say, the links lead somewhere, and every config key
+the profiles set is a flag of the scripts it applies to."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import re
 import shlex
 import subprocess
 import sys
 from functools import cache
-from typing import Any
 from pathlib import Path
 
 import pytest
 import yaml
 
 from howto.runio import parse_args
+from tools import flag_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 SCRIPTS = ("prepare_data", "finetune", "evaluate")
 # The least each script needs to parse, so that its parser can be built the way the script builds it.
 MINIMAL_ARGV = {
@@ -26,36 +28,34 @@ MINIMAL_ARGV = {
     "finetune": ["--data", "DATA", "--out", "OUT"],
     "evaluate": ["--out", "OUT"],
 }
-# Flags the README's prose mentions in backticks that are not the scripts' own: argparse's --help, setup.sh's --dev,
-# pip's --no-deps.
-OTHER_TOOLS_FLAGS = {"--help", "--dev", "--no-deps"}
+# Flags the prose mentions in backticks that are not the scripts' own: argparse's --help, setup.sh's --dev, pip's
+# --no-deps, the flag reference's --check.
+OTHER_TOOLS_FLAGS = {"--help", "--dev", "--no-deps", "--check"}
 SHELL_OPERATORS = {"&&", "||", "|", ";", ">", ">>", "<"}
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9_-]*")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 @cache
-def script_parser(script: str) -> argparse.ArgumentParser:
-    """The script's own parser after howto.runio.parse_args has added --config, exactly as the script runs it."""
-    parser = importlib.import_module(script).build_parser()
-    parse_args(parser, MINIMAL_ARGV[script], section=script)
-    return parser
+def flags_of(script: str) -> frozenset[str]:
+    """The script's long flags, as its --help (with --config, as the script runs it) lists them."""
+    return frozenset(FLAG.findall(flag_reference.help_text(script))) - {"--help"}
 
 
-def flags_of(script: str) -> set[str]:
-    return {s for action in script_parser(script)._actions for s in action.option_strings
-            if s.startswith("--") and s != "--help"}
-
-
-def dests_of(script: str) -> set[str]:
-    return {a.dest for a in script_parser(script)._actions} - {"help", "config"}
+@cache
+def dests_of(script: str) -> frozenset[str]:
+    """Every setting the script's parser has, as the script parses its arguments."""
+    module = importlib.import_module(script)
+    args = parse_args(module.build_parser(), MINIMAL_ARGV[script], section=script, siblings=module.sibling_parsers)
+    return frozenset(vars(args)) - {"config"}
 
 
 def section(text: str, heading: str) -> str:
     """The body under a Markdown heading, up to the next heading of the same or a higher level."""
     level = len(heading) - len(heading.lstrip("#"))
     match = re.search(rf"^{re.escape(heading)}[ \t]*$", text, re.MULTILINE)
-    assert match, f"README has no heading {heading!r}"
+    assert match, f"no heading {heading!r}"
     end = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE).search(text, match.end())
     return text[match.end(): end.start() if end else len(text)]
 
@@ -90,7 +90,8 @@ def flags_after(tokens: list[str], start: int) -> list[str]:
 
 
 def script_calls(text: str) -> list[tuple[str, list[str], str]]:
-    """(script path, flags after it, the command) for every `X.py ...` call in the README's code blocks."""
+    """(script path, flags after it, the command) for every `X.py ...` or `python -m X ...` call in shell blocks; a
+    module is given as its file's path."""
     calls = []
     for block in code_blocks(text, ("bash", "sh", "shell")):
         for tokens in command_lines(block):
@@ -98,12 +99,32 @@ def script_calls(text: str) -> list[tuple[str, list[str], str]]:
                 if token.endswith(".py"):
                     calls.append((token, flags_after(tokens, i), " ".join(tokens)))
                     break
+                if token == "-m" and i + 1 < len(tokens) and tokens[i + 1].split(".")[0] in ("bench", "tools"):
+                    path = tokens[i + 1].replace(".", "/") + ".py"
+                    calls.append((path, flags_after(tokens, i + 1), " ".join(tokens)))
+                    break
     return calls
 
 
 def inline_code(text: str) -> list[str]:
     """Backticked spans outside fenced blocks (a span may wrap over a line break)."""
     return re.findall(r"`([^`]+)`", FENCE.sub("", text))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+# ------------------------------------------------------------------------------------------------------ the front page
+
+def test_readme_is_a_front_page():
+    lines = README.splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: the manual belongs in docs/"
+    assert "has never run on a GPU" in README, "the README says plainly that the GPU path has not been run"
+    linked = set(LINK.findall(section(README, "## The manual")))
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert pages <= linked, f"the README's list of links misses {sorted(pages - linked)}"
 
 
 def test_quickstart_block_runs_files_that_exist():
@@ -125,66 +146,76 @@ def test_quickstart_quotes_what_run_sh_prints():
     assert quoted.startswith("No CUDA GPU found") and quoted in run_sh
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_every_flag_of_each_script_is_documented_in_its_section(script):
-    body = section(README, f"### {script}.py")
-    mentioned = set(FLAG.findall(body))
-    missing = flags_of(script) - mentioned
-    assert not missing, f"README's {script}.py section does not document {sorted(missing)}"
-    for action in script_parser(script)._actions:
-        if not action.option_strings:  # a positional argument: its metavar heads a table row
-            assert f"| `{action.metavar or action.dest.upper()}" in body, f"{script}.py: {action.metavar} undocumented"
+@pytest.mark.parametrize("page", sorted(DOCS))
+def test_links_lead_to_files_and_headings_that_exist(page):
+    for target in LINK.findall(DOCS[page]):
+        if target.startswith(("http://", "https://")):
+            continue
+        file, _, anchor = target.partition("#")
+        path = (ROOT / page).parent / file if file else ROOT / page
+        assert path.exists(), f"{page} links to {target}, which does not exist"
+        if anchor and path.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+            assert anchor in {slug(h) for h in headings}, f"{page} links to {target}: no such heading"
+
+
+# ------------------------------------------------------------------------------------------------------ the flags
+
+def test_flag_reference_is_generated_from_the_parsers():
+    current = flag_reference.REFERENCE.read_text(encoding="utf-8")
+    assert current == flag_reference.reference(), \
+        f"docs/reference.md is stale: run {flag_reference.COMMAND} from the repository's root"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_flag_tables_name_only_real_flags(script):
-    body = section(README, f"### {script}.py")
-    rows = [line for line in body.splitlines() if line.startswith("| `")]
-    assert len(rows) >= len(flags_of(script)) // 2, f"{script}.py: no flag table"
-    unknown = {f for row in rows for f in FLAG.findall(row.split("|")[1])} - flags_of(script)
-    assert not unknown, f"{script}.py's table documents flags its parser does not have: {sorted(unknown)}"
-    # A flag in the description column (like `--max-seq-length` in --overlong's row) is this script's too.
-    named = {f for row in rows for f in FLAG.findall("|".join(row.split("|")[2:]))}
-    assert named <= flags_of(script), f"{script}.py's table refers to {sorted(named - flags_of(script))}"
+def test_every_flag_of_each_script_is_in_the_reference(script):
+    body = section(DOCS["docs/reference.md"], f"## {script}.py")
+    missing = flags_of(script) - set(FLAG.findall(body))
+    assert not missing, f"docs/reference.md's {script}.py section does not document {sorted(missing)}"
 
 
-def test_every_script_call_in_code_blocks_uses_real_flags():
-    calls = script_calls(README)
-    called = {Path(path).stem for path, _, _ in calls}
-    assert set(SCRIPTS) <= called, "the README shows a command line for each of the three scripts"
+@pytest.mark.parametrize("page", sorted(DOCS))
+def test_every_script_call_in_code_blocks_uses_real_flags(page):
     other_scripts: dict[str, set[str]] = {}
-    for path, flags, command in calls:
-        assert (ROOT / path).is_file(), f"README runs {path}, which does not exist: {command}"
+    for path, flags, command in script_calls(DOCS[page]):
+        assert (ROOT / path).is_file(), f"{page} runs {path}, which does not exist: {command}"
         stem = Path(path).stem
         if stem in SCRIPTS:
             unknown = set(flags) - flags_of(stem)
-            assert not unknown, f"{path} has no {sorted(unknown)}: {command}"
+            assert not unknown, f"{page}: {path} has no {sorted(unknown)}: {command}"
         elif flags:
             other_scripts.setdefault(path, set()).update(flags)
-    for path, flags in other_scripts.items():  # bench scripts build their parser inside main(): ask them
-        helptext = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True, text=True,
+    for path, flags in other_scripts.items():  # the benches and tools: ask their --help, run as modules
+        module = path.removesuffix(".py").replace("/", ".")
+        helptext = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                                   timeout=120)
-        assert helptext.returncode == 0, f"{path} --help failed:\n{helptext.stderr[-2000:]}"
+        assert helptext.returncode == 0, f"{module} --help failed:\n{helptext.stderr[-2000:]}"
         unknown = {f for f in flags if f not in FLAG.findall(helptext.stdout)}
-        assert not unknown, f"{path} has no {sorted(unknown)}"
+        assert not unknown, f"{page}: {path} has no {sorted(unknown)}"
 
 
-def test_flags_in_prose_belong_to_the_script_they_follow_or_to_some_script():
+def test_the_manual_shows_a_command_line_for_each_script():
+    called = {Path(path).stem for text in DOCS.values() for path, _, _ in script_calls(text)}
+    assert set(SCRIPTS) <= called, "the docs show a command line for each of the three scripts"
+
+
+@pytest.mark.parametrize("page", sorted(DOCS))
+def test_flags_in_prose_belong_to_the_script_they_follow_or_to_some_script(page):
     every_flag = set().union(*(flags_of(s) for s in SCRIPTS))
-    for span in inline_code(README):
+    for span in inline_code(DOCS[page]):
         tokens = span.split()
         named = next((i for i, t in enumerate(tokens) if Path(t).stem in SCRIPTS and t.endswith(".py")), None)
         if named is not None:
             script = Path(tokens[named]).stem
             unknown = set(flags_after(tokens, named)) - flags_of(script)
-            assert not unknown, f"`{span}`: {script}.py has no {sorted(unknown)}"
+            assert not unknown, f"{page}: `{span}`: {script}.py has no {sorted(unknown)}"
         elif span.startswith("--"):  # a bare flag (spans that start with another program hold its flags)
             unknown = set(FLAG.findall(span)) - every_flag - OTHER_TOOLS_FLAGS
-            assert not unknown, f"`{span}`: no script has {sorted(unknown)}"
+            assert not unknown, f"{page}: `{span}`: no script has {sorted(unknown)}"
 
 
 def test_layout_lists_files_that_exist():
-    block = code_blocks(section(README, "## Layout"))[0]
+    block = code_blocks(section(DOCS["docs/development.md"], "## Layout"))[0]
     for line in block.splitlines():
         if not line.strip():
             continue
@@ -192,6 +223,9 @@ def test_layout_lists_files_that_exist():
         folder = "howto/" if line.startswith("  ") else ""
         for name in [names, *re.findall(r"^\s*\S+,\s*(\S+)", line)]:
             assert (ROOT / folder / name.rstrip(",")).exists(), f"Layout lists {folder}{name}, which does not exist"
+    listed = {line.split()[0] for line in block.splitlines() if line.startswith("  ")}
+    modules = {p.name for p in (ROOT / "howto").glob("*.py")} - {"__init__.py"}
+    assert modules <= listed, f"Layout does not list howto/{sorted(modules - listed)}"
 
 
 # ---------------------------------------------------------------------------------------------------------- configs
@@ -201,9 +235,9 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_configs_are_the_documented_ones():
     assert {c.name for c in CONFIGS} == {"cpu.yaml", "t4.yaml", "rtx24.yaml", "a100_80.yaml"}
-    table = section(README, "## Configs")
+    table = section(DOCS["docs/training.md"], "## Configs")
     for config in CONFIGS:
-        assert f"`configs/{config.name}`" in table, f"README's Configs table lacks {config.name}"
+        assert f"`configs/{config.name}`" in table, f"docs/training.md's Configs table lacks {config.name}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -226,21 +260,22 @@ def test_config_keys_are_flags_of_the_scripts_they_apply_to(config):
 def test_config_loads_into_each_script_with_its_values(config, script):
     """The real loading path, values and types included: a value the parser or finetune's checks reject fails."""
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))
-    parser = importlib.import_module(script).build_parser()
-    args = parse_args(parser, [*MINIMAL_ARGV[script], "--config", str(config)], section=script)
+    module = importlib.import_module(script)
+    parser = module.build_parser()
+    args = parse_args(parser, [*MINIMAL_ARGV[script], "--config", str(config)], section=script,
+                      siblings=module.sibling_parsers)
     expected = {k: v for k, v in settings.items() if not isinstance(v, dict)}
     expected = {k.replace("-", "_"): v for k, v in expected.items() if k.replace("-", "_") in dests_of(script)}
     expected.update({k.replace("-", "_"): v for k, v in settings.get(script, {}).items()})
     for dest, value in expected.items():
         assert getattr(args, dest) == value, f"{config.name} -> {script}.py: {dest} is {getattr(args, dest)!r}"
     if script == "finetune":
-        module = importlib.import_module("finetune")
         module.check_args(parser, args)
         assert args.sweep_lr and args.sweep_epochs and args.sweep_batch_size
 
 
 def test_t4_profile_is_finetune_defaults_written_out():
-    """README and configs/t4.yaml both say the T4 profile is what finetune.py does without flags."""
+    """docs/training.md and configs/t4.yaml both say the T4 profile is what finetune.py does without flags."""
     settings = yaml.safe_load((ROOT / "configs" / "t4.yaml").read_text(encoding="utf-8"))
     parser = importlib.import_module("finetune").build_parser()
     training = {k: v for k, v in settings["finetune"].items() if not k.startswith("sweep_")}
@@ -248,60 +283,3 @@ def test_t4_profile_is_finetune_defaults_written_out():
     for dest, value in training.items():
         assert parser.get_default(dest) == value, f"t4.yaml {dest}={value!r}, finetune.py's default is " \
                                                   f"{parser.get_default(dest)!r}"
-
-
-def readme_value(cell: str) -> Any:
-    """A default as the README writes it, in the parser's terms: off/on as booleans, numbers as numbers, a
-    comma-separated list as a list; anything else (prose such as 'the GPU found') as the text itself."""
-    cell = cell.strip().strip("`")
-    if cell in ("off", "on"):
-        return cell == "on"
-    parts = cell.split(",")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        return parts if len(parts) > 1 and " " not in cell else cell
-    return values if len(parts) > 1 else values[0]
-
-
-def parser_value(default: Any) -> Any:
-    """The parser's default in the same terms as readme_value."""
-    if isinstance(default, bool) or default is None:
-        return default
-    if isinstance(default, (int, float)):
-        return float(default)
-    if isinstance(default, (list, tuple)) and not default:
-        return "none"
-    if isinstance(default, (list, tuple)):
-        return [float(v) if isinstance(v, (int, float)) else str(v) for v in default]
-    default = str(default)
-    return readme_value(default.removeprefix(f"{ROOT}/"))  # a bundled file's path, as the README writes it
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_readme_defaults_are_the_parsers_defaults(script):
-    """A flag table's default column says what the parser does: a number, a switch or a literal written there is
-    the parser's own default. Prose defaults (`$OPENAI_MODEL`, 'from the run') stand for a None default resolved at
-    run time, and 'required' for a required flag."""
-    actions = {s: a for a in script_parser(script)._actions for s in a.option_strings}
-    rows = [line.split("|") for line in section(README, f"### {script}.py").splitlines() if line.startswith("| `--")]
-    checked = 0
-    for row in rows:
-        cell = row[2].strip()
-        for flag in FLAG.findall(row[1]):
-            action = actions[flag]
-            if flag.startswith("--no-") and isinstance(action, argparse.BooleanOptionalAction):
-                continue  # the row's first flag speaks for the pair
-            default, documented = parser_value(action.default), readme_value(cell)
-            if cell == "required":
-                assert action.required or action.default is None, \
-                    f"{script}.py {flag}: README says required, the parser has a default"  # None: checked later
-            elif isinstance(default, (bool, float, list)) or isinstance(documented, (bool, float, list)):
-                assert documented == default, f"{script}.py {flag}: README's default {cell!r}, parser's " \
-                                              f"{action.default!r}"
-                checked += 1
-            elif default is not None and " " not in cell and not cell.startswith(("`$", "$")):
-                assert documented == default, f"{script}.py {flag}: README's default {cell!r}, parser's " \
-                                              f"{action.default!r}"
-                checked += 1
-    assert checked >= len(rows) // 2, f"{script}.py: too few literal defaults checked ({checked} of {len(rows)})"

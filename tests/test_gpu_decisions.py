@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 import finetune
-from howto import flops, models, preflight, runio
+from howto import flops, metrics, models, preflight, runio
 
 ALL_CONFIGS = {"t4", "rtx24", "a100_80"}
 SMALL_CONFIGS = {"t4", "rtx24"}
@@ -139,6 +139,7 @@ def test_the_other_gpu_only_decisions(card, monkeypatch):
     from trl import SFTTrainer
 
     assert models.default_model() == "mistral"
+    assert metrics._device() == "cuda"  # BERTScore's encoder
     for engine in ("unsloth", "hf"):
         args = finetune_args("--engine", engine)
         assert finetune.trainer_class(args) is SFTTrainer  # TRL's fused LM head; CPUSFTTrainer is the CPU's

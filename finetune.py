@@ -462,22 +462,13 @@ def load_unsloth(args: argparse.Namespace, path: str, precision: str, checkpoint
 def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: bool) -> Any:
     """transformers + peft: NF4 double-quantized 4-bit on CUDA (the QLoRA paper); on a CPU full precision with the
     attention howto.device.cpu_plan chose."""
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
-    dtype = models.torch_dtype(precision)
-    four_bit = args.load_in_4bit and cuda
-    if args.load_in_4bit and not cuda:
+    kwargs = hf_load_kwargs(args, precision)
+    four_bit = "quantization_config" in kwargs
+    if args.load_in_4bit and not four_bit:
         console.print("hf engine on a CPU: full-precision weights (bitsandbytes 4-bit is for CUDA here)")
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if not cuda:
-        kwargs["attn_implementation"] = device.CPU_ATTENTION
-    if four_bit:
-        kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
-    if cuda and not sharded_launch():
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if four_bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
@@ -488,6 +479,23 @@ def load_hf(args: argparse.Namespace, path: str, precision: str, checkpointing: 
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def hf_load_kwargs(args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    """from_pretrained's settings for the hf engine: on CUDA NF4 computing in the run's precision, on the process's
+    own GPU; on a CPU full precision with the attention howto.device.cpu_plan chose."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dtype = models.torch_dtype(precision)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if not cuda:
+        kwargs["attn_implementation"] = device.CPU_ATTENTION
+    if args.load_in_4bit and cuda:
+        kwargs["quantization_config"] = models.nf4_config(dtype, storage=dtype if sharded_launch() else torch.uint8)
+    if cuda and not sharded_launch():
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under DDP
+    return kwargs
 
 
 def load_model(args: argparse.Namespace, path: str, precision: str) -> Any:
@@ -584,10 +592,9 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
                   precision: str, resuming: bool = False) -> Any:
     """TRL's SFTTrainer on the pre-tokenized records: with completion_only_loss it turns `completion_mask` into
     labels that are -100 on the prompt, and its collator pads them with -100."""
-    import torch
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
     from trl.trainer.callbacks import RichProgressCallback
 
     set_pad_token(tokenizer)
@@ -595,14 +602,23 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: argpar
     callbacks = [RichProgressCallback()]  # TRL's progress bars and latest logs, in place of tqdm's
     if args.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.patience))
-    trainer_class = (SFTTrainer if torch.cuda.is_available() or args.engine == "unsloth" else
-                     device.cpu_sft_trainer(bool(args.compile)))
-    trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=val,
-                            processing_class=tokenizer, callbacks=callbacks)
+    trainer = trainer_class(args)(model=model, args=config, train_dataset=train, eval_dataset=val,
+                                  processing_class=tokenizer, callbacks=callbacks)
     # transformers' own bar, or its log-dict printer where its logger is quieter than warnings (howto.models)
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     return trainer
+
+
+def trainer_class(args: argparse.Namespace) -> type:
+    """TRL's SFTTrainer on a GPU, whose fused LM head computes the loss on the answers alone, and for Unsloth, which
+    patches it; the hf engine on a CPU gets howto.device.cpu_sft_trainer, which computes the loss the same way."""
+    import torch
+    from trl import SFTTrainer
+
+    if torch.cuda.is_available() or args.engine == "unsloth":
+        return SFTTrainer
+    return device.cpu_sft_trainer(bool(args.compile))
 
 
 def divergence_guard() -> Any:

@@ -170,6 +170,25 @@ def load_tokenizer(model: str, offline: bool = False) -> Any:
     return tokenizer
 
 
+def gpu_has_bf16() -> bool:
+    """Whether the GPU found computes bfloat16 in hardware: compute capability 8.0 or higher (Ampere and later), or a
+    ROCm device other than RDNA 1/2 (gfx10, which claims bf16 it lacks; Unsloth's rule too). The one answer
+    training, generation, the NF4 config and the run record all use.
+
+    Not torch.cuda.is_bf16_supported(): since torch 2.3 its default counts emulation, and a T4 (7.5), which can
+    hold a bfloat16 tensor, answers True and then computes bf16 slowly or fails in kernels; importing Unsloth
+    replaces that function with one whose default does not, so its answer would depend on what was imported first.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
+        return not arch.lower().startswith("gfx10")
+    return torch.cuda.get_device_capability(0) >= (8, 0)
+
+
 def choose_precision(engine: str = "hf") -> tuple[str, str]:
     """bf16 where the hardware has it, fp16 with loss scaling where it does not (a T4), and why.
 
@@ -181,9 +200,12 @@ def choose_precision(engine: str = "hf") -> tuple[str, str]:
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{name} supports bfloat16 (fp32's range, no loss scaling)"
-        return "fp16", f"{name} has no bfloat16 (compute capability < 8.0, e.g. a T4): float16 with loss scaling"
+        major, minor = torch.cuda.get_device_capability(0)
+        kind = "ROCm" if torch.version.hip else f"compute capability {major}.{minor}"
+        if gpu_has_bf16():
+            return "bf16", f"{name} ({kind}) supports bfloat16 (fp32's range, no loss scaling)"
+        short = "RDNA 1/2" if torch.version.hip else "below the 8.0 bfloat16 needs, as a T4's 7.5"
+        return "fp16", f"{name} ({kind}, {short}) has no bfloat16: float16 with loss scaling"
     if engine == "unsloth":
         from unsloth_zoo.cpu.runtime import cpu_bf16_supported
 
@@ -244,6 +266,19 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def generation_load_kwargs(four_bit: bool | None = None) -> dict[str, Any]:
+    """from_pretrained's settings for generating here: compute_dtype(), NF4 4-bit on a GPU (or as `four_bit` says)
+    computing in that dtype, and the GPU as the device."""
+    cuda = has_cuda()
+    four_bit = cuda if four_bit is None else four_bit
+    kwargs: dict[str, Any] = {"dtype": compute_dtype()}
+    if four_bit:
+        kwargs["quantization_config"] = nf4_config(kwargs["dtype"])
+    if cuda:
+        kwargs["device_map"] = "auto"
+    return kwargs
+
+
 def load_for_generation(model: str, adapter: str | None = None, four_bit: bool | None = None) -> tuple[Any, Any]:
     """A model ready to answer prompts: 4-bit NF4 on a GPU by default, full precision on a CPU.
 
@@ -254,20 +289,14 @@ def load_for_generation(model: str, adapter: str | None = None, four_bit: bool |
     from transformers import AutoModelForCausalLM
 
     hide_loading_bars()
-    cuda = has_cuda()
-    four_bit = cuda if four_bit is None else four_bit
-    kwargs: dict[str, Any] = {"dtype": compute_dtype()}
-    if four_bit:
-        kwargs["quantization_config"] = nf4_config(kwargs["dtype"])
-    if cuda:
-        kwargs["device_map"] = "auto"
+    kwargs = generation_load_kwargs(four_bit)
     path = resolve_model(model)
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter:
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, adapter)
-        if not four_bit:
+        if "quantization_config" not in kwargs:
             lm = lm.merge_and_unload()
     lm.eval()
     tokenizer = load_tokenizer(path)

@@ -127,30 +127,40 @@ def estimate_memory(arch: Architecture, *, four_bit: bool, lora_r: int, target_m
     }
 
 
-def gpu_budget(gpu_memory: float | None) -> tuple[float | None, str]:
-    """The memory to fit in: --gpu-memory when given (planning a run for another card), else the GPU found."""
-    if gpu_memory:
-        return gpu_memory * GB, f"the {gpu_memory:g} GB of --gpu-memory"
+def estimate_for(arch: Architecture, args: Any) -> dict[str, float]:
+    """estimate_memory for finetune.py's settings (engine, load_in_4bit, lora_r, target_modules, batch_size,
+    max_seq_length), with 8-bit AdamW as on a GPU: Unsloth offloads its checkpointed activations and fuses its
+    kernels, the hf engine keeps them on the GPU."""
+    unsloth = args.engine == "unsloth"
+    return estimate_memory(arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
+                           batch_size=args.batch_size, seq_len=args.max_seq_length,
+                           checkpointing="offload" if unsloth else "on", fused=unsloth, optimizer_bytes=2)
+
+
+def gpu_budget(gpu_memory: float | None, dry_run: bool = False) -> tuple[float | None, str]:
+    """The memory to fit in: the GPU found, or --gpu-memory when that is smaller (a profile for a smaller card).
+    --gpu-memory above the GPU found counts only in a --dry-run, which plans a run for another card: a real run
+    loads on this one, and a profile for a larger card (configs/a100_80.yaml on a T4) must stop here, not at load."""
     import torch
 
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return float(props.total_memory), f"the {props.total_memory / GB:.1f} GB of the {props.name}"
-    return None, "no GPU found and no --gpu-memory given"
+    given = (gpu_memory * GB, f"the {gpu_memory:g} GB of --gpu-memory") if gpu_memory else None
+    if not torch.cuda.is_available():
+        return given or (None, "no GPU found and no --gpu-memory given")
+    props = torch.cuda.get_device_properties(0)
+    card = (float(props.total_memory), f"the {props.total_memory / GB:.1f} GB of the {props.name}")
+    if given is None or given[0] <= card[0] or dry_run:
+        return given or card
+    return card[0], f"{card[1]} found (--gpu-memory {gpu_memory:g} counts only in a --dry-run)"
 
 
 def check_memory(model: str, args: Any, console: Console) -> None:
-    """The estimate for finetune.py's settings (engine, load_in_4bit, lora_r, target_modules, batch_size,
-    max_seq_length, gpu_memory), with 8-bit AdamW as on a GPU; exit naming the flags to turn down when it does not
-    fit."""
+    """The estimate for finetune.py's settings against gpu_budget; exit naming the flags to turn down when it does
+    not fit."""
     arch, source = architecture(model)
     if arch is None:
         console.print(f"memory: not estimated ({source})")
         return
-    unsloth = args.engine == "unsloth"
-    parts = estimate_memory(arch, four_bit=args.load_in_4bit, lora_r=args.lora_r, target_modules=args.target_modules,
-                            batch_size=args.batch_size, seq_len=args.max_seq_length,
-                            checkpointing="offload" if unsloth else "on", fused=unsloth, optimizer_bytes=2)
+    parts = estimate_for(arch, args)
     total = sum(parts.values())
     console.print(f"memory estimate for {Path(model).name}, {args.engine} engine, {4 if args.load_in_4bit else 16}-bit "
                   f"weights, LoRA r={args.lora_r}, {args.batch_size} x {args.max_seq_length} tokens ({source}):")
@@ -161,7 +171,7 @@ def check_memory(model: str, args: Any, console: Console) -> None:
         table.add_row(name, f"{value / GB:.2f}")
     table.add_row("[bold]total[/]", f"[bold]{total / GB:.2f}[/]")
     console.print(table)
-    budget, where = gpu_budget(args.gpu_memory)
+    budget, where = gpu_budget(args.gpu_memory, args.dry_run)
     if budget is None:
         console.print(f"memory: {where}: not checked")
     elif total <= budget:

@@ -234,15 +234,19 @@ def library_versions() -> dict[str, str]:
 
 
 def gpu_info() -> dict[str, Any]:
+    """The GPU a run had: name, memory, compute capability, and bf16 as howto.models decides it (in hardware, not
+    emulated)."""
     try:
         import torch
     except ImportError:
         return {"gpu": None}
     if not torch.cuda.is_available():
         return {"gpu": None}
+    from howto.models import gpu_has_bf16  # here: howto.models imports this module
+
     props = torch.cuda.get_device_properties(0)
     return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-            "bf16_supported": torch.cuda.is_bf16_supported()}
+            "gpu_capability": f"{props.major}.{props.minor}", "bf16_supported": gpu_has_bf16()}
 
 
 def write_run_info(out_dir: str | Path, config: dict[str, Any], data_files: Iterable[str | Path],

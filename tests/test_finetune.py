@@ -563,19 +563,6 @@ def test_cli_error_exits_non_zero_and_names_the_file(tmp_path):
 # Settings that users of Unsloth and TRL keep tripping on
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
-def test_precision_is_bf16_where_the_gpu_has_it_else_fp16(bf16, expected, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4" if not bf16 else "NVIDIA A100")
-    for engine in ("unsloth", "hf"):
-        precision, why = finetune.choose_precision(engine)
-        assert precision == expected
-        assert ("no bfloat16" in why and "Tesla T4" in why) if not bf16 else "supports bfloat16" in why
-
-
 def test_precision_on_a_cpu_is_full_for_the_hf_engine(monkeypatch):
     import torch
 

@@ -52,6 +52,35 @@ def test_install_cell_installs_the_wheels_setup_sh_installs():
     assert set(re.search(r"WHEELS = (\[[^\]]*\])", source).group(1).strip("[]").replace('"', "").split(", ")) == wanted
 
 
+def test_install_cell_keeps_the_runtimes_torch(tmp_path):
+    """Colab's torch (a CUDA build matched to its driver) is pinned by a constraint, so requirements.txt cannot
+    replace it; where pip cannot keep it, the cell stops and says what to do. Run with a recorder for `run`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cell = next(c for c in read_notebook().cells if c.cell_type == "code" and "WHEELS = " in c.source)
+    commands = []
+    namespace = {"SMOKE_TEST": False, "OUT": str(tmp_path / "out"), "Path": Path, "sys": sys,
+                 "run": lambda *cmd: commands.append([str(c) for c in cmd])}
+    exec(cell.source, namespace)
+    constraints = tmp_path / "out" / "runtime-torch.txt"
+    assert commands[0] == [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt", "-c",
+                           str(constraints)]
+    assert commands[1][:5] == [sys.executable, "-m", "pip", "install", "-q"] and "--no-deps" in commands[1]
+    pins = []
+    for name in ("torch", "torchvision", "torchaudio"):
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass
+    assert pins[0].startswith("torch==") and constraints.read_text().splitlines() == pins
+
+    def refused(*cmd):
+        raise RuntimeError("exit code 1")
+
+    with pytest.raises(RuntimeError, match="pick an older Colab runtime version"):
+        exec(cell.source, {**namespace, "run": refused})
+
+
 @pytest.fixture
 def venv_kernel(tmp_path, monkeypatch) -> str:
     """A kernel spec that runs this interpreter (the venv's), in a private Jupyter path: nothing is installed."""

@@ -45,7 +45,8 @@ from rich.table import Table
 
 from howto import forgetting, parity, report, runtime
 from howto.chat import SYSTEM_PROMPT, parse_steps, render_steps
-from howto.generate import GGUFGenerator, HFGenerator, gguf_problem, is_gguf_file, model_folder_problem
+from howto.generate import (SHIPPED_DECODING, GGUFGenerator, HFGenerator, gguf_problem, is_gguf_file,
+                            model_folder_problem)
 from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM, TOO_FEW, BertScore,
                            BertScoreUnavailable, StepEncoder, mean_defined, paired_comparison, prompt_key,
                            score_examples, too_few_pairs)
@@ -114,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=256, help="most tokens generated per answer")
     gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together (left-padded)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding; above 0 samples")
+    gen.add_argument("--temperature", type=float, default=SHIPPED_DECODING["temperature"],
+                     help="0 = greedy decoding; above 0 samples")
+    gen.add_argument("--repeat-penalty", type=float, default=SHIPPED_DECODING["repeat_penalty"],
+                     help="a token already in the context has its logit divided by this (multiplied when negative); "
+                          "1 = none. The default is what the exports ship with (howto.generate.SHIPPED_DECODING)")
     gen.add_argument("--gguf-context", type=int, default=2048,
                      help="context length (prompt + answer) for a GGUF model; its KV cache is allocated up front")
     sc = p.add_argument_group("scoring")
@@ -397,6 +402,7 @@ def settings_hash(system: System, args: argparse.Namespace) -> str:
     identity: dict[str, Any] = {
         **asdict(system), "name": None, "system_prompt": SYSTEM_PROMPT, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "seed": args.seed if args.temperature > 0 else None,
+        "repeat_penalty": args.repeat_penalty,
         "model_weights": _weights_fingerprint(Path(model)) if model and Path(model).is_dir() else model,
         "adapter_sha256": hash_files(Path(system.adapter).glob("adapter_*")) if system.adapter else None,
         "gguf_weights": _weights_fingerprint(Path(system.gguf)) if system.gguf else None,
@@ -409,9 +415,9 @@ def load_generator(system: System, args: argparse.Namespace) -> HFGenerator | GG
 
     if system.gguf:
         return GGUFGenerator(system.gguf, load_tokenizer(resolve_model(system.tokenizer_model)), args.gguf_context,
-                             args.max_new_tokens, args.temperature, args.seed, has_cuda())
+                             args.max_new_tokens, args.temperature, args.seed, has_cuda(), args.repeat_penalty)
     lm, tokenizer = load_for_generation(system.model, adapter=system.adapter)
-    return HFGenerator(lm, tokenizer, args.max_new_tokens, args.temperature)
+    return HFGenerator(lm, tokenizer, args.max_new_tokens, args.temperature, args.repeat_penalty)
 
 
 def cached_rows(path: Path, key: str) -> dict[str, dict[str, Any]]:
@@ -631,7 +637,8 @@ def summarise_run(tables: dict[str, Rows], systems: list[System], exports: list[
             **scorers,
             "bootstrap": {"n_resamples": args.bootstrap, "confidence": 0.95, "seed": args.seed},
             "generation": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                           "temperature": args.temperature, "seed": args.seed,
+                           "temperature": args.temperature, "repeat_penalty": args.repeat_penalty,
+                           "seed": args.seed,
                            "systems": [asdict(s) for s in systems + exports]} if systems else None,
             "data": str(data_file) if data_file else None,
             "predictions": {name: str(path) for name, path in sources.items()} or None,
@@ -766,7 +773,7 @@ def serve_page(args: argparse.Namespace, out_dir: Path) -> None:
     report_hint = (f"To put the ratings in the report: `python evaluate.py --data DATA --finetuned {args.finetuned} "
                    f"--out {out_dir} --ratings {out_dir / serve.RATINGS_DIR}/*.csv` (agreement when two or more "
                    "people rated).")
-    page = serve.build_page(loaded, serve.Decoding(args.max_new_tokens, args.temperature, args.gguf_context),
+    page = serve.build_page(loaded, serve.Decoding(args.max_new_tokens, args.temperature, args.repeat_penalty, args.gguf_context),
                             notices, desk, rate_notice, report_hint)
     console.print(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
     serve.launch(page, args.host, args.port)

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from howto.chat import SYSTEM_PROMPT
-from howto.generate import SHIPPED_DECODING
+from howto.generate import REPEAT_LAST_N, SHIPPED_DECODING
 from howto.models import (
     MISTRAL_CHAT_TEMPLATE, UNSLOTH_4BIT, cache_dir, is_mistral, load_tokenizer, resolve_model,
     save_mistral_tokenizer,
@@ -490,8 +490,9 @@ def write_modelfile(out_dir: Path, gguf_file: Path, chat_template: str | None) -
         template, stops = OLLAMA_CHAT[family]
         lines += [f'TEMPLATE """{template}"""', ""]
         lines += [f'PARAMETER stop "{stop}"' for stop in stops] + [""]
-    lines += ["# the decoding evaluate.py measured: greedy, no repeat penalty",
-              *(f"PARAMETER {name} {value:g}" for name, value in SHIPPED_DECODING.items()), ""]
+    lines += ["# the decoding evaluate.py measured (howto.generate.SHIPPED_DECODING)",
+              *(f"PARAMETER {name} {value:g}" for name, value in SHIPPED_DECODING.items()),
+              f"PARAMETER repeat_last_n {REPEAT_LAST_N}", ""]
     lines += [f'SYSTEM """{SYSTEM_PROMPT}"""', ""]
     path = out_dir / "Modelfile"
     atomic_write_text(path, "\n".join(lines))

@@ -13,14 +13,19 @@ from typing import Any
 from howto.chat import decode_answer, prompt_ids
 
 Answer = tuple[str, int]
-# The decoding evaluate.py measures by default and the exports ship with: greedy, no repetition penalty. The merged
-# model's generation_config.json and the Ollama Modelfile carry it, so what ships answers as it was measured; Ollama
-# would otherwise sample at temperature 0.8 with a repeat penalty of 1.1 over the last 64 tokens.
-SHIPPED_DECODING = {"temperature": 0.0, "repeat_penalty": 1.0}
+# The decoding evaluate.py measures by default and the exports ship with: greedy, with a repeat penalty of 1.1 (a
+# token already in the context has its logit divided by 1.1 when positive, multiplied when negative). Greedy decoding
+# alone let a small fine-tuned model repeat a step until the token cap ("3. tap the device / 4. tap the device /
+# ..."), as it did its base model: SmolLM2 fine-tuned two epochs looped on 5 of 34 test answers greedy, 0 with the
+# penalty. The merged model's generation_config.json (transformers' repetition_penalty, over the whole conversation)
+# and the Ollama Modelfile (llama.cpp's, over the last REPEAT_LAST_N tokens, as Ollama's own default) carry it, and
+# evaluate.py generates each way as it ships: transformers for the adapter, llama.cpp for a GGUF.
+SHIPPED_DECODING = {"temperature": 0.0, "repeat_penalty": 1.1}
+REPEAT_LAST_N = 64
 
 
-def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int,
-                 temperature: float = 0.0, streamer: Any = None) -> list[Answer]:
+def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 repeat_penalty: float = SHIPPED_DECODING["repeat_penalty"], streamer: Any = None) -> list[Answer]:
     """Answers to several tokenized prompts at once.
 
     The prompts are left-padded by hand with an attention mask, since the chat template builds ids that a
@@ -39,7 +44,8 @@ def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: 
         {"do_sample": False}
     with torch.no_grad():
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos, pad_token_id=pad, streamer=streamer, **sampling)
+                          eos_token_id=eos, pad_token_id=pad, repetition_penalty=repeat_penalty, streamer=streamer,
+                          **sampling)
     answers = []
     for row in out[:, width:].tolist():
         end = row.index(eos) if eos in row else len(row)
@@ -47,10 +53,11 @@ def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: 
     return answers
 
 
-def generate_batch(lm: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                   temperature: float = 0.0) -> list[Answer]:
+def generate_batch(lm: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                   repeat_penalty: float = SHIPPED_DECODING["repeat_penalty"]) -> list[Answer]:
     """Answers to several questions at once, each asked in the canonical chat format."""
-    return generate_ids(lm, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens, temperature)
+    return generate_ids(lm, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], max_new_tokens, temperature,
+                        repeat_penalty)
 
 
 @dataclass
@@ -60,9 +67,11 @@ class HFGenerator:
     tokenizer: Any
     max_new_tokens: int
     temperature: float = 0.0
+    repeat_penalty: float = SHIPPED_DECODING["repeat_penalty"]
 
     def __call__(self, prompts: list[str]) -> list[Answer]:
-        return generate_batch(self.lm, self.tokenizer, prompts, self.max_new_tokens, self.temperature)
+        return generate_batch(self.lm, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
+                              self.repeat_penalty)
 
 
 class GGUFGenerator:
@@ -80,10 +89,11 @@ class GGUFGenerator:
     tokenizer = None
 
     def __init__(self, gguf: str, tokenizer: Any, context: int, max_new_tokens: int, temperature: float, seed: int,
-                 gpu: bool):
-        self.llm = open_gguf(gguf, context, seed, gpu)
+                 gpu: bool, repeat_penalty: float = SHIPPED_DECODING["repeat_penalty"]):
+        self.llm = open_gguf(gguf, context, seed, gpu, last_n_tokens_size=REPEAT_LAST_N)
         self.canonical_tokenizer = tokenizer
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.repeat_penalty = repeat_penalty
 
     def __call__(self, prompts: list[str]) -> list[Answer]:
         answers = []
@@ -97,7 +107,8 @@ class GGUFGenerator:
         chunks as the tokens come, for the chat page."""
         self.llm.reset()
         return self.llm.create_completion(prompt_ids(self.canonical_tokenizer, prompt), max_tokens=max_new_tokens,
-                                          temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                          temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
+                                          repeat_penalty=self.repeat_penalty,
                                           seed=self.seed, stream=stream)
 
 

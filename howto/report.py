@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from howto.chat import render_steps
+from howto.generate import REPEAT_LAST_N
 from howto.metrics import (
     LOOP_DISTINCT, LOOP_MIN_STEPS, LOWER_IS_BETTER, METRICS, MIN_PAIRED, TOO_FEW, prompt_key, too_few_pairs,
 )
@@ -274,7 +275,10 @@ def settings_blocks(settings: dict[str, Any]) -> list[Block]:
     if settings.get("generation"):
         g = settings["generation"]
         decoding = "greedy" if g["temperature"] == 0 else f"sampling at temperature {g['temperature']}"
-        items.append(f"Generation: {decoding}, at most {g['max_new_tokens']} new tokens, batch size "
+        penalty = g.get("repeat_penalty", 1.0)
+        decoding += f", repeat penalty {penalty:g}" if penalty != 1.0 else ", no repeat penalty"
+        items.append(f"Generation: {decoding} (transformers over the whole conversation, llama.cpp over the last "
+                     f"{REPEAT_LAST_N} tokens), at most {g['max_new_tokens']} new tokens, batch size "
                      f"{g['batch_size']}, canonical chat format of howto.chat.")
         items += [f"System {s['name']}: " + ", ".join(f"{k} {v}" for k, v in s.items() if v and k != "name")
                   for s in g["systems"]]

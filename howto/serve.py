@@ -45,6 +45,7 @@ class Decoding:
     """The evaluation's decoding settings: the chat tab's starting values."""
     max_new_tokens: int
     temperature: float
+    repeat_penalty: float
     gguf_context: int
 
 
@@ -68,7 +69,7 @@ def stream_answer(generator: Generator, question: str, max_new_tokens: int, temp
     def run() -> None:
         try:
             generate_ids(generator.lm, generator.tokenizer, [prompt_ids(generator.tokenizer, question)],
-                         max_new_tokens, temperature, streamer=streamer)
+                         max_new_tokens, temperature, generator.repeat_penalty, streamer=streamer)
         except Exception as e:  # shown on the page in place of the answer; the streamer must still end
             failures.append(e)
             streamer.end()
@@ -212,8 +213,9 @@ def chat_tab(systems: list[ChatSystem], decoding: Decoding, notices: list[str]) 
         temperature = gr.Slider(0.0, 2.0, value=decoding.temperature, step=0.05, label="temperature (0 = greedy)",
                                 elem_id="temperature")
     gr.Markdown(f"The evaluation's settings: at most {decoding.max_new_tokens} new tokens, temperature "
-                f"{decoding.temperature:g} ({'greedy' if decoding.temperature == 0 else 'sampled'}), the canonical "
-                "chat format with its system prompt (`evaluate.py --max-new-tokens`, `--temperature`).")
+                f"{decoding.temperature:g} ({'greedy' if decoding.temperature == 0 else 'sampled'}), repeat penalty "
+                f"{decoding.repeat_penalty:g}, the canonical chat format with its system prompt (`evaluate.py "
+                "--max-new-tokens`, `--temperature`, `--repeat-penalty`).")
     ask = gr.Button("Ask", variant="primary", elem_id="ask")
     status = gr.Markdown(elem_id="chat-status")
     answers, parsed = [], []

@@ -132,7 +132,7 @@ def test_a_run_without_an_adapter_and_an_out_without_answers_are_said_on_the_pag
     assert desk is None and "Nothing to rate" in rate_notice
 
     lm, tokenizer = load_for_generation("tiny")
-    page = build_page([ChatSystem("base", "base", HFGenerator(lm, tokenizer, 8))], Decoding(8, 0.0, 2048), notices,
+    page = build_page([ChatSystem("base", "base", HFGenerator(lm, tokenizer, 8))], Decoding(8, 0.0, 1.1, 2048), notices,
                       desk, rate_notice, "")
     shown = json.dumps(page.get_config_file())
     assert "No fine-tuned model to chat with" in shown and "Nothing to rate" in shown

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from howto.forgetting import answer_ids, question_ids
-from howto.generate import generate_ids
+from howto.generate import SHIPPED_DECODING, generate_ids
 from howto.records import read_records
 from howto.runio import RunError, write_jsonl
 
@@ -86,12 +86,13 @@ def distill(lm: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> lis
 
 
 def cache_key(base_path: str, prompts: list[str]) -> str:
-    """What decides the distilled answers: the base model's weights (by file names, sizes and times) and the
-    prompts."""
+    """What decides the distilled answers: the base model's weights (by file names, sizes and times), the prompts
+    and the decoding."""
     folder = Path(base_path)
     files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*")
                    if p.is_file()) if folder.is_dir() else [base_path]
-    blob = json.dumps([str(folder.resolve()) if folder.exists() else base_path, files, prompts, MAX_NEW_TOKENS])
+    blob = json.dumps([str(folder.resolve()) if folder.exists() else base_path, files, prompts, MAX_NEW_TOKENS,
+                       SHIPPED_DECODING])
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """The GPU check: every CUDA-only path of the toolkit run once on the GPU found, in under 10 minutes, with no hub.
 
-    python bench/gpu_check.py                      # prints one markdown table to paste into the docs
-    python bench/gpu_check.py --out gpu_check.md   # also writes it to a file
+    python -m bench.gpu_check                      # prints one markdown table to paste into the docs
+    python -m bench.gpu_check --out gpu_check.md   # also writes it to a file
 
 Parts, each a process of its own with its own timeout (and all within --budget), so one that fails or hangs does
 not hide the others:
 - prepare_data.py, finetune.py (Unsloth engine, then hf engine) and evaluate.py on the tiny model on CUDA, as
   tests/test_e2e.py runs them on a CPU: 4-bit loading, the precision the card has, 8-bit AdamW, generation in NF4;
-- bench/train_bench.py --full-size: Unsloth against hf on a Mistral-7B-architecture model with random weights, 4-bit,
-  2 x 2048 tokens (built once, about 14.5 GB, into the model cache);
+- python -m bench.train_bench --full-size: Unsloth against hf on a Mistral-7B-architecture model with random
+  weights, 4-bit, 2 x 2048 tokens (built once, about 14.5 GB, into the model cache);
 - the preflight's memory estimate for the bench's settings against the peak the bench measured.
 The first lines say what the toolkit decided for the card (compute capability, bf16, precision, the MFU peak).
 A tiny run's numbers say nothing about quality; they say the path works on this card.
@@ -29,11 +29,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from howto import flops, models, preflight, runtime
+from howto.runio import RunError, atomic_write_text, library_versions, run_script
 
-from howto import flops, models, preflight  # noqa: E402
-from howto.runio import RunError, atomic_write_text, library_versions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TRAIN = ["--model", "tiny", "--epochs", "1", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "256"]
 BENCH = ["--full-size", "--repeats", "1", "--steps", "4", "--warmup-steps", "1"]
@@ -72,8 +71,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse(argv)
+    runtime.setup()
     if not models.has_cuda():
-        raise RunError("bench/gpu_check.py needs a CUDA GPU and torch finds none here; on a CPU, "
+        raise RunError("python -m bench.gpu_check needs a CUDA GPU and torch finds none here; on a CPU, "
                        "tests/test_gpu_decisions.py checks the same decisions on simulated cards")
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> str:
     deadline = time.monotonic() + args.budget
     parts = run_scripts(work, args.script_timeout, deadline)
     bench_json = work / "bench.json"
-    parts.append(run_part("train_bench.py --full-size (Unsloth and hf, 4-bit, 7B architecture)",
-                          ["bench/train_bench.py", *BENCH, "--json", str(bench_json)], work / "logs" / "bench.log",
+    parts.append(run_part("bench.train_bench --full-size (Unsloth and hf, 4-bit, 7B architecture)",
+                          ["-m", "bench.train_bench", *BENCH, "--json", str(bench_json)], work / "logs" / "bench.log",
                           args.bench_timeout, deadline, lambda: bench_figures(bench_json)))
     parts += estimate_rows(bench_json)
     table = render(header(), parts)
@@ -244,4 +244,4 @@ def render(lines: list[str], parts: list[Part]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

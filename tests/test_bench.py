@@ -1,5 +1,5 @@
-"""Smoke tests of the five benches, run as the docs run them (`python -m bench.NAME` from the root): each starts and
-answers --help, and the extraction bench scores a one-page answer key."""
+"""Smoke tests of the five benches and the GPU check, run as the docs run them (`python -m bench.NAME` from the root):
+each starts and answers --help, and the extraction bench scores a one-page answer key."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ def test_the_five_benches_are_there():
     assert BENCHES == ["collect_bench", "eval_bench", "prepare_bench", "quality_bench", "train_bench"]
 
 
-@pytest.mark.parametrize("name", BENCHES)
+@pytest.mark.parametrize("name", [*BENCHES, "gpu_check"])
 def test_bench_answers_help(name):
     result = run_bench(name, "--help")
     assert result.returncode == 0, result.stderr[-3000:]

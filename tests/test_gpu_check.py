@@ -3,21 +3,20 @@ finds no time left is reported without hiding the others, the preflight-against-
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import gpu_check  # noqa: E402
+from bench import gpu_check
+from howto.runio import RunError
 
 
 def test_flags_and_their_errors():
     args = gpu_check.parse([])
     assert (args.budget, args.script_timeout, args.bench_timeout, args.out) == (570, 150, 360, None)
     assert args.budget < 600  # the whole check fits in 10 minutes
-    with pytest.raises(SystemExit, match=r"--bench-timeout must be > 0 \(seconds\), got -1"):
+    with pytest.raises(RunError, match=r"--bench-timeout must be > 0 \(seconds\), got -1"):
         gpu_check.parse(["--bench-timeout", "-1"])
 
 
@@ -25,7 +24,7 @@ def test_refuses_without_cuda_and_says_what_covers_the_cpu(monkeypatch, tmp_path
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match=r"needs a CUDA GPU .*tests/test_gpu_decisions.py") as e:
+    with pytest.raises(RunError, match=r"needs a CUDA GPU .*tests/test_gpu_decisions.py") as e:
         gpu_check.main(["--work", str(tmp_path), "--out", str(tmp_path / "table.md")])
     assert str(e.value).count("\n") == 0
     assert not list(tmp_path.iterdir())  # nothing started

@@ -19,7 +19,8 @@ import torch
 from rich.console import Console
 
 import finetune
-from howto import flops, metrics, models, preflight, runio
+from howto import device, flops, metrics, models, preflight, runio
+from howto.runio import RunError
 
 ALL_CONFIGS = {"t4", "rtx24", "a100_80"}
 SMALL_CONFIGS = {"t4", "rtx24"}
@@ -144,7 +145,7 @@ def test_the_other_gpu_only_decisions(card, monkeypatch):
         args = finetune_args("--engine", engine)
         assert finetune.trainer_class(args) is SFTTrainer  # TRL's fused LM head; CPUSFTTrainer is the CPU's
         assert finetune.compile_wanted(args) == (False, "off (GPU or Unsloth engine: their own kernels)")
-        on, why = flops.checkpointing_needed(models.DEFAULT_MODEL, args, card.precision)
+        on, why = device.checkpointing_needed(models.DEFAULT_MODEL, args, card.precision)
         assert on and why.startswith("on (GPU")
     peak, source = flops.peak_flops(card.precision)
     assert peak == card.peak_tflops * 1e12 and source == f"{card.name} rated {card.precision} peak"
@@ -161,7 +162,7 @@ def test_preflight_memory_verdict_for_the_bundled_configs(card, engine, monkeypa
             preflight.check_memory(models.DEFAULT_MODEL, args, console)
             assert "memory: the estimated" in console.export_text()
         else:
-            with pytest.raises(SystemExit, match=rf"more than the {card.memory / 1e9:.1f} GB of the {card.name} "
+            with pytest.raises(RunError, match=rf"more than the {card.memory / 1e9:.1f} GB of the {card.name} "
                                                  rf"found \(--gpu-memory 80 counts only in a --dry-run\)"):
                 preflight.check_memory(models.DEFAULT_MODEL, args, console)
 

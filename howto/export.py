@@ -216,8 +216,9 @@ def _save_mistral_tokenizer(folder: Path, sources: list[Path]) -> None:
 
 
 def write_generation_config(base: Path, folder: Path) -> None:
-    """The base model's generation_config.json with the decoding that was evaluated (SHIPPED_DECODING), so that
-    `model.generate()` on the merged folder answers as measured rather than as the base model's config suggests."""
+    """The base model's generation_config.json with the decoding that was evaluated (SHIPPED_DECODING): greedy, and
+    transformers' repetition_penalty at the evaluated value, the nearest it can say to llama.cpp's penalty over the
+    last generated tokens (its own also counts the prompt's; howto.generate.RepeatPenalty is the exact rule)."""
     path = base / "generation_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for key in ("temperature", "top_k", "top_p", "min_p", "typical_p"):

@@ -13,15 +13,33 @@ from typing import Any
 from howto.chat import decode_answer, prompt_ids
 
 Answer = tuple[str, int]
-# The decoding evaluate.py measures by default and the exports ship with: greedy, with a repeat penalty of 1.1 (a
-# token already in the context has its logit divided by 1.1 when positive, multiplied when negative). Greedy decoding
-# alone let a small fine-tuned model repeat a step until the token cap ("3. tap the device / 4. tap the device /
-# ..."), as it did its base model: SmolLM2 fine-tuned two epochs looped on 5 of 34 test answers greedy, 0 with the
-# penalty. The merged model's generation_config.json (transformers' repetition_penalty, over the whole conversation)
-# and the Ollama Modelfile (llama.cpp's, over the last REPEAT_LAST_N tokens, as Ollama's own default) carry it, and
-# evaluate.py generates each way as it ships: transformers for the adapter, llama.cpp for a GGUF.
+# The decoding evaluate.py measures by default and the exports ship with: greedy, with llama.cpp's repeat penalty of
+# 1.1 over the last REPEAT_LAST_N generated tokens (Ollama's own default penalty; a token among them has its logit
+# divided by 1.1, or multiplied when negative). Greedy decoding alone let a small fine-tuned model repeat a step until
+# the token cap ("3. tap the device / 4. tap the device / ..."), as it did its base model: SmolLM2 fine-tuned two
+# epochs looped on 5 of 34 test answers greedy, 0 with the penalty. The Ollama Modelfile carries it as it is;
+# transformers' generation_config.json can only say repetition_penalty, which also counts the prompt's tokens.
 SHIPPED_DECODING = {"temperature": 0.0, "repeat_penalty": 1.1}
 REPEAT_LAST_N = 64
+
+
+class RepeatPenalty:
+    """llama.cpp's repeat penalty as a transformers logits processor: each token among the last `window` generated
+    tokens has its logit divided by `penalty` (multiplied when negative). transformers' own repetition_penalty also
+    counts the prompt's tokens, which pushed answers away from the question's own words ("open your banking app"
+    for a question about unemployment benefits), and it is not what a GGUF answers with."""
+
+    def __init__(self, penalty: float, window: int, prompt_length: int):
+        self.penalty, self.window, self.prompt_length = penalty, window, prompt_length
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        recent = input_ids[:, self.prompt_length:][:, -self.window:]
+        if recent.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, recent)
+        return scores.scatter(1, recent, torch.where(picked > 0, picked / self.penalty, picked * self.penalty))
 
 
 def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -40,11 +58,14 @@ def generate_ids(lm: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=lm.device)
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=lm.device)
+    from transformers import LogitsProcessorList
+
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
         {"do_sample": False}
+    penalty = LogitsProcessorList([RepeatPenalty(repeat_penalty, REPEAT_LAST_N, width)] if repeat_penalty != 1 else [])
     with torch.no_grad():
         out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos, pad_token_id=pad, repetition_penalty=repeat_penalty, streamer=streamer,
+                          eos_token_id=eos, pad_token_id=pad, streamer=streamer, logits_processor=penalty,
                           **sampling)
     answers = []
     for row in out[:, width:].tolist():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from howto.forgetting import answer_ids, question_ids
-from howto.generate import SHIPPED_DECODING, generate_ids
+from howto.generate import REPEAT_LAST_N, SHIPPED_DECODING, generate_ids
 from howto.records import read_records
 from howto.runio import RunError, write_jsonl
 
@@ -92,7 +92,7 @@ def cache_key(base_path: str, prompts: list[str]) -> str:
     files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*")
                    if p.is_file()) if folder.is_dir() else [base_path]
     blob = json.dumps([str(folder.resolve()) if folder.exists() else base_path, files, prompts, MAX_NEW_TOKENS,
-                       SHIPPED_DECODING])
+                       SHIPPED_DECODING, REPEAT_LAST_N])
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 

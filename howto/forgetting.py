@@ -18,7 +18,7 @@ from typing import Any
 from howto.chat import _ids, _strip_trailing_after_eos, is_mistral_common
 from howto.generate import generate_ids
 from howto.metrics import mean_defined, paired_comparison
-from howto.records import read_records
+from howto.records import read_text_records
 from howto.runio import RunError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "forgetting.jsonl"
@@ -31,23 +31,11 @@ _NUMBERED_LINE = re.compile(r"^\s*(?:step\s*)?(\d+)\s*[.):]\s+\S", re.IGNORECASE
 
 def read_probe(path: str | Path) -> list[dict[str, Any]]:
     """The probe's records (prompt, answer, kind), each error naming the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"--forgetting-data {path}: no such file")
     records = []
-    for raw in read_records(path):
-        where, record = f"{path}:{raw.line}", raw.data
-        if raw.problem:
-            raise RunError(raw.problem)
-        if not isinstance(record, dict):
-            raise RunError(f"{where}: expected a JSON object")
-        for field in ("prompt", "answer"):
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise RunError(f"{where}: field {field!r} must be a non-empty string")
+    for where, record in read_text_records(path, "--forgetting-data", ("prompt", "answer")):
         if record.get("kind") not in KINDS:
             raise RunError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}")
-        records.append({"prompt": record["prompt"].strip(), "answer": record["answer"].strip(),
-                        "kind": record["kind"]})
+        records.append({"prompt": record["prompt"], "answer": record["answer"], "kind": record["kind"]})
     if not records:
         raise RunError(f"{path}: no probe records")
     return records

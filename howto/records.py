@@ -300,3 +300,30 @@ def read_clean(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         except RecordError as e:
             raise RunError(f"{path}:{raw.line}: {e}") from None
     return rows
+
+
+def read_text_records(path: str | Path, flag: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+                      shape: str = "a JSON object") -> list[tuple[str, dict[str, Any]]]:
+    """(file:line, record) of a small JSONL file of text fields (the forgetting probe, general conversations): each
+    required field a non-empty string, each optional one absent or a non-empty string, stripped; the record's other
+    fields kept as they are. Every error names the file and line (or the flag, for a missing file) and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{flag} {path}: no such file")
+    rows = []
+    for raw in read_records(path):
+        where = f"{path}:{raw.line}"
+        if raw.problem:
+            raise RunError(raw.problem)
+        if not isinstance(raw.data, dict):
+            raise RunError(f"{where}: expected {shape}")
+        record = dict(raw.data)
+        for field in (*required, *optional):
+            value = record.get(field)
+            if (field in required or value is not None) and (not isinstance(value, str) or not value.strip()):
+                raise RunError(f"{where}: field {field!r} must be a non-empty string")
+            if value is not None:
+                record[field] = value.strip()
+        rows.append((where, record))
+    return rows
+

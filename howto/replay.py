@@ -20,7 +20,7 @@ from typing import Any
 
 from howto.forgetting import answer_ids, question_ids
 from howto.generate import REPEAT_LAST_N, SHIPPED_DECODING, generate_ids
-from howto.records import read_records
+from howto.records import read_text_records
 from howto.runio import RunError, write_jsonl
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "general_prompts.jsonl"
@@ -32,21 +32,8 @@ _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 def read_general(path: str | Path) -> list[dict[str, Any]]:
     """Records with a `prompt` and, from a user's file, an `answer`; each error names the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"--general-data {path}: no such file")
-    records = []
-    for raw in read_records(path):
-        where = f"{path}:{raw.line}"
-        if raw.problem:
-            raise RunError(raw.problem)
-        if not isinstance(raw.data, dict):
-            raise RunError(f"{where}: expected a JSON object with 'prompt' (and 'answer')")
-        for field in ("prompt", "answer"):
-            value = raw.data.get(field)
-            if (field == "prompt" or value is not None) and (not isinstance(value, str) or not value.strip()):
-                raise RunError(f"{where}: field {field!r} must be a non-empty string")
-        records.append({"prompt": raw.data["prompt"].strip(), "answer": (raw.data.get("answer") or "").strip()})
+    records = [{"prompt": record["prompt"], "answer": record.get("answer", "")} for _, record in read_text_records(
+        path, "--general-data", ("prompt",), ("answer",), "a JSON object with 'prompt' (and 'answer')")]
     if not records:
         raise RunError(f"{path}: no general prompts")
     return records

@@ -167,6 +167,15 @@ def test_flag_reference_is_generated_from_the_parsers():
         f"docs/reference.md is stale: run {flag_reference.COMMAND} from the repository's root"
 
 
+def test_flag_reference_does_not_depend_on_where_the_clone_lies(monkeypatch):
+    """CI clones into a longer folder than ours: a bundled file's default must not wrap its help line elsewhere."""
+    from howto import forgetting
+    deep = Path("/" + "a-much-longer-folder-than-this-one/" * 3).resolve()
+    monkeypatch.setattr(flag_reference, "ROOT", deep)
+    monkeypatch.setattr(forgetting, "BUNDLED", deep / "data" / "forgetting.jsonl")
+    assert flag_reference.REFERENCE.read_text(encoding="utf-8") == flag_reference.reference()
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_flag_of_each_script_is_in_the_reference(script):
     body = section(DOCS["docs/reference.md"], f"## {script}.py")

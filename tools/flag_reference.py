@@ -36,17 +36,23 @@ Every flag can also be set in a YAML file passed with `--config`: keys are flag 
 
 
 def script_parser(script: str) -> argparse.ArgumentParser:
-    """The script's parser as it runs it (with --config), named after the script and wrapped at WIDTH."""
+    """The script's parser as it runs it (with --config), named after the script and wrapped at WIDTH.
+
+    A default that is a file of this clone is written relative to its root before the help is wrapped, so that the
+    page does not depend on where the clone lies (a longer folder would wrap the line elsewhere)."""
     parser = importlib.import_module(script).build_parser()
     add_config_argument(parser)
     parser.prog = f"{script}.py"
     parser.formatter_class = functools.partial(parser.formatter_class, width=WIDTH)
+    for action in parser._actions:  # argparse has no public way to list a parser's flags
+        if isinstance(action.default, str) and action.default.startswith(f"{ROOT}/"):
+            action.default = action.default.removeprefix(f"{ROOT}/")
     return parser
 
 
 def help_text(script: str) -> str:
-    """`--help` of the script; a default that is a file of this clone is written relative to its root."""
-    return script_parser(script).format_help().replace(f"{ROOT}/", "")
+    """`--help` of the script as the reference prints it."""
+    return script_parser(script).format_help()
 
 
 def reference() -> str:

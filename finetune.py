@@ -734,6 +734,12 @@ def train_once(args: argparse.Namespace, out_dir: Path, base_path: str, tokenize
             write_run_info(out_dir, config_record(args), data["files"],
                            {**info, "status": "interrupted", "interrupted_at_step": trainer.state.global_step})
         raise SystemExit(INTERRUPTED_EXIT) from None
+    except Exception as e:  # out of memory, a full disk: the record must not go on saying "running"
+        if is_main_process():
+            write_run_info(out_dir, config_record(args), data["files"],
+                           {**info, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                            "failed_at_step": trainer.state.global_step})
+        raise
     wall = time.perf_counter() - start
     if guard.reason:
         stop_diverged(args, out_dir, data["files"], info, trainer.state, guard.reason)

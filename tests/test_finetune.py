@@ -393,6 +393,31 @@ def test_diverged_training_stops_keeps_no_adapter_and_exits_non_zero(small_data,
     assert (info["status"], info["global_step"]) == ("diverged", 4)
 
 
+def test_training_that_fails_is_recorded_as_failed_not_running(small_data, tmp_path, monkeypatch):
+    """An error in the middle of training (here at the fourth step, as CUDA's out-of-memory error would come) goes
+    on to the user unchanged, and run_info.json says the run failed, where and why, instead of "running"."""
+    real = device.cpu_sft_trainer
+
+    def failing_trainer(compiled: bool) -> type:
+        class Failing(real(compiled)):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                if model.training and self.state.global_step >= 3:
+                    raise RuntimeError("out of memory (simulated)")
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+        return Failing
+
+    monkeypatch.setattr(device, "cpu_sft_trainer", failing_trainer)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated"):
+        finetune.main(["--data", str(small_data), "--out", str(out), *TINY, *NOT_COMPILED, "--engine", "hf",
+                       "--epochs", "5", "--batch-size", "2"])
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["status"], info["failed_at_step"]) == ("failed", 3), info
+    assert info["error"] == "RuntimeError: out of memory (simulated)"
+    assert not (out / "adapter_model.safetensors").exists()
+
+
 def test_sweep_trial_that_diverges_is_pruned_and_the_sweep_goes_on(small_data, tmp_path, monkeypatch):
     """A rate of the grid that diverges ends its own trial; the others are ranked, the best config is written."""
     real = device.cpu_sft_trainer

@@ -869,6 +869,9 @@ def print_results(metrics: dict[str, Any], out_dir: Path) -> None:
     if probe and not probe.get("skipped"):
         show(f"forgetting probe ({probe['n_prompts']} general questions)", report.FORGETTING_HEADER,
              report.forgetting_rows(probe))
+        for wrong in probe.get("turned_wrong", []):
+            console.print(f"turned wrong: {wrong['prompt']} (expected {' or '.join(wrong['expect'])}): base "
+                          f"{wrong['base']!r}, fine-tuned {wrong['finetuned']!r}", markup=False, highlight=False)
     elif probe:
         console.print(f"forgetting probe skipped: {probe['skipped']}")
     console.print(f"wrote {out_dir / 'report.md'}, {out_dir / 'report.html'} and {out_dir / 'metrics.json'}")

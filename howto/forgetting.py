@@ -7,7 +7,10 @@ prompt (the way a user asks anything else). Two measures, each per prompt so tha
 - the per-token loss of the reference answer under teacher forcing (mean negative log-likelihood of the answer's
   tokens and the end-of-turn token): forgetting shows as a rise;
 - over-formatting: whether the model's own answer to a question that is not a how-to starts a numbered list, the
-  habit a model trained only on numbered steps picks up.
+  habit a model trained only on numbered steps picks up;
+- correct answers: for a question with a short right answer (a record's `expect`, e.g. "Canberra"), whether the
+  model's own answer says it. The loss shows forgetting on average; this shows the answer a user reads turn wrong
+  ("The capital of Australia is Sydney").
 """
 from __future__ import annotations
 
@@ -30,12 +33,19 @@ _NUMBERED_LINE = re.compile(r"^\s*(?:step\s*)?(\d+)\s*[.):]\s+\S", re.IGNORECASE
 
 
 def read_probe(path: str | Path) -> list[dict[str, Any]]:
-    """The probe's records (prompt, answer, kind), each error naming the file, line and field."""
+    """The probe's records (prompt, answer, kind and, optionally, expect: the accepted short answers), each error
+    naming the file, line and field."""
     records = []
     for where, record in read_text_records(path, "--forgetting-data", ("prompt", "answer")):
         if record.get("kind") not in KINDS:
             raise RunError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}")
-        records.append({"prompt": record["prompt"], "answer": record["answer"], "kind": record["kind"]})
+        expect = record.get("expect")
+        if expect is not None and (not isinstance(expect, list) or not expect
+                                   or not all(isinstance(e, str) and e.strip() for e in expect)):
+            raise RunError(f"{where}: field 'expect' must be a non-empty list of non-empty strings (the accepted "
+                           "short answers, e.g. [\"Canberra\"])")
+        records.append({"prompt": record["prompt"], "answer": record["answer"], "kind": record["kind"],
+                        **({"expect": [e.strip() for e in expect]} if expect else {})})
     if not records:
         raise RunError(f"{path}: no probe records")
     return records
@@ -45,6 +55,17 @@ def is_numbered_list(text: str) -> bool:
     """Two lines or more numbered 1, 2 in order: the answer is a numbered list."""
     numbers = [int(m.group(1)) for m in _NUMBERED_LINE.finditer(text)]
     return len(numbers) >= 2 and numbers[:2] == [1, 2]
+
+
+def mentions(text: str, term: str) -> int:
+    """How often `term` stands in `text` as a word of its own, case aside: "7" is not in "7,147" nor "3.75"."""
+    return len(re.findall(rf"(?<![\w])(?<!\d[.,]){re.escape(term)}(?![\w])(?![.,]\d)", text, re.IGNORECASE))
+
+
+def is_correct(prompt: str, output: str, expect: list[str]) -> bool:
+    """The answer says one of the expected short answers more often than the question does, so that restating the
+    question ("144 divided by 12 equals 13.5") does not count as answering it."""
+    return any(mentions(output, term) > mentions(prompt, term) for term in expect)
 
 
 def question_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -79,7 +100,8 @@ def answer_loss(lm: Any, tokenizer: Any, prompt: str, answer: str) -> tuple[floa
 
 
 def probe_model(lm: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
-    """Per prompt: the reference answer's loss, the model's greedy answer and whether it is a numbered list."""
+    """Per prompt: the reference answer's loss, the model's greedy answer, whether it is a numbered list and, where
+    the record has `expect`, whether it is correct."""
     rows = []
     for record in records:
         loss, n_tokens = answer_loss(lm, tokenizer, record["prompt"], record["answer"])
@@ -91,27 +113,36 @@ def probe_model(lm: Any, tokenizer: Any, records: list[dict[str, Any]], batch_si
                                MAX_NEW_TOKENS)
         for i, (text, n_tokens) in zip(batch, answers, strict=True):
             rows[i].update(output=text, output_tokens=n_tokens, numbered=int(is_numbered_list(text)))
+            if "expect" in records[i]:
+                rows[i]["correct"] = int(is_correct(records[i]["prompt"], text, records[i]["expect"]))
     return rows
 
 
 def compare_probes(base: list[dict[str, Any]], tuned: list[dict[str, Any]], n_resamples: int,
                    seed: int) -> dict[str, Any]:
     """Fine-tuned minus base, paired by prompt: the answer loss over every prompt, the numbered-list rate over the
-    questions that are not how-tos (over-formatting) and, as a check, over the how-tos."""
+    questions that are not how-tos (over-formatting) and, as a check, over the how-tos, and the share of correct
+    answers over the questions that have expected answers (when any has), with the questions the base model
+    answered right and the fine-tuned one wrong."""
     by_prompt = {r["prompt"]: r for r in tuned}
     pairs = [(b, by_prompt[b["prompt"]]) for b in base if b["prompt"] in by_prompt]
 
     def measure(field: str, keep: Any) -> dict[str, Any]:
-        kept = [(b, t) for b, t in pairs if keep(b)]
+        kept = [(b, t) for b, t in pairs if keep(b) and field in b and field in t]
         result = paired_comparison([b[field] for b, _ in kept], [t[field] for _, t in kept], n_resamples, seed)
         return {"base": mean_defined([b[field] for b, _ in kept])[0],
                 "finetuned": mean_defined([t[field] for _, t in kept])[0], **result}
 
+    checked = any("correct" in b and "correct" in t for b, t in pairs)
     return {
         "n_prompts": len(pairs),
         "loss": measure("loss", lambda r: True),
         "over_formatting": measure("numbered", lambda r: r["kind"] != "howto"),
         "howto_list_rate": measure("numbered", lambda r: r["kind"] == "howto"),
+        **({"correct": measure("correct", lambda r: "correct" in r),
+            "turned_wrong": [{"prompt": b["prompt"], "expect": b["expect"], "base": b["output"],
+                              "finetuned": t["output"]} for b, t in pairs if b.get("correct") and t.get("correct") == 0]}
+           if checked else {}),
         "loss_by_kind": {kind: measure("loss", lambda r, k=kind: r["kind"] == k)
                          for kind in KINDS if any(b["kind"] == kind for b, _ in pairs)},
     }

@@ -83,11 +83,12 @@ PARITY_HEADER = ["Export", "n paired", "identical answers", "Δ BERTScore F1 [95
 
 def forgetting_rows(forgetting: dict[str, Any]) -> list[list[str]]:
     labels = {"loss": "Answer loss per token (lower is better)",
+              "correct": "Correct short answer (higher is better)",
               "over_formatting": "Numbered list, not a how-to (lower is better)",
               "howto_list_rate": "Numbered list, how-to question"}
     return [[label, str(forgetting[k]["n"]), fmt(forgetting[k]["base"]), fmt(forgetting[k]["finetuned"]),
              fmt(forgetting[k]["delta"]) if forgetting[k]["delta"] is None else f"{forgetting[k]['delta']:+.3f}",
-             fmt_ci(forgetting[k]), fmt_p(forgetting[k]["p_value"])] for k, label in labels.items()]
+             fmt_ci(forgetting[k]), fmt_p(forgetting[k]["p_value"])] for k, label in labels.items() if k in forgetting]
 
 
 FORGETTING_HEADER = ["Measure", "n", "base", "finetuned", "Δ (finetuned − base)", "95% CI", "p (Wilcoxon)"]
@@ -301,9 +302,11 @@ def forgetting_blocks(forgetting: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [("h2", "Forgetting probe: general questions outside the training domains"),
                            ("p", f"{forgetting['n_prompts']} questions from {forgetting['data']} in the model's own "
                                  "chat format without a system prompt. The loss of the reference answers rises "
-                                 "when general ability is forgotten; a numbered list for a question that is not a "
-                                 f"how-to is over-formatting (answers cut at {forgetting['max_new_tokens']} tokens; "
-                                 "paired 95% bootstrap CIs over the questions).")]
+                                 "when general ability is forgotten; a correct short answer is one that says what "
+                                 "the question's record expects (\"Canberra\"); a numbered list for a question that "
+                                 "is not a how-to is over-formatting (answers cut at "
+                                 f"{forgetting['max_new_tokens']} tokens; paired 95% bootstrap CIs over the "
+                                 "questions).")]
     mixed = forgetting.get("general_mixed")
     blocks.append(("p", f"Training mixed in {mixed['n']} general conversations ({mixed['source']}; --mix-general "
                         f"{mixed['fraction']})." if mixed else
@@ -315,6 +318,11 @@ def forgetting_blocks(forgetting: dict[str, Any]) -> list[Block]:
     blocks.append(("table", ["Loss by kind of question", "n", "base", "finetuned", "Δ [95% CI]"],
                    [[k, str(c["n"]), fmt(c["base"]), fmt(c["finetuned"]), f"{fmt(c['delta'])} {fmt_ci(c)}"]
                     for k, c in forgetting["loss_by_kind"].items()]))
+    wrong = forgetting.get("turned_wrong")
+    if wrong:
+        blocks.append(("h3", f"Answers that turned wrong ({len(wrong)}): right before fine-tuning, wrong after"))
+        blocks.append(("table", ["question", "expected", "base", "finetuned"],
+                       [[w["prompt"], " or ".join(w["expect"]), w["base"], w["finetuned"]] for w in wrong]))
     return blocks
 
 

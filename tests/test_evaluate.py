@@ -380,7 +380,10 @@ def test_generation_end_to_end_and_cache_reuse(tiny_model, tiny_adapter, tmp_pat
     for name in ("base", "finetuned"):
         rows = [json.loads(line) for line in (out / name / "forgetting.jsonl").read_text().splitlines()]
         assert len(rows) == 50 and all(r["answer_tokens"] > 0 and 0 < r["output_tokens"] <= 48 for r in rows)
+    assert probe["correct"]["n"] == 26  # the facts and sums with an expected answer; random weights say none
+    assert (probe["correct"]["base"], probe["correct"]["finetuned"], probe["turned_wrong"]) == (0.0, 0.0, [])
     assert "Forgetting probe" in (out / "report.md").read_text()
+    assert "| Correct short answer (higher is better) | 26 |" in (out / "report.md").read_text()
     assert probe["general_mixed"] is None and "mixed in no general conversations" in (out / "report.md").read_text()
     assert metrics["parity"] is None  # an adapter folder without exports
 

@@ -81,10 +81,12 @@ def quality_table(metrics: dict) -> str:
         lines.append(f"| {label} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | {c['delta']:+.3f} "
                      f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}] (n {c['n']}) |")
     probe = metrics.get("forgetting") or {}
-    if probe.get("over_formatting"):
-        o = probe["over_formatting"]
-        lines.append(f"| numbered list for a general question | {o['base']:.3f} | {o['finetuned']:.3f} | "
-                     f"{o['delta']:+.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}] (n {o['n']}) |")
+    for key, label in (("over_formatting", "numbered list for a general question"),
+                       ("correct", "correct short answer to a general question")):
+        if probe.get(key):
+            o = probe[key]
+            lines.append(f"| {label} | {o['base']:.3f} | {o['finetuned']:.3f} | "
+                         f"{o['delta']:+.3f} [{o['ci_low']:.3f}, {o['ci_high']:.3f}] (n {o['n']}) |")
     return "\n".join(lines)
 
 

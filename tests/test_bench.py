@@ -38,3 +38,22 @@ def test_collect_bench_finds_the_procedure_of_its_answer_key(tmp_path):
     result = run_bench("collect_bench", str(tmp_path), "--show-misses")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "100.0%" in result.stdout and "MISSED" not in result.stdout, result.stdout
+
+
+def test_quality_table_reads_evaluates_metrics():
+    from bench.quality_bench import ROWS, quality_table
+    from howto.metrics import paired_comparison
+
+    def row(base: list[float], tuned: list[float]) -> dict:
+        return {**paired_comparison(base, tuned, 100, 0), "base": sum(base) / len(base),
+                "finetuned": sum(tuned) / len(tuned)}
+
+    metrics = {"n_paired": {"finetuned": 3}, "comparisons": {"finetuned": {k: row([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])
+                                                                          for k in ROWS}},
+               "forgetting": {"over_formatting": row([0, 0, 0, 0], [0, 1, 0, 0]),
+                              "correct": row([1, 1, 0, 0], [1, 0, 0, 0])}}
+    lines = quality_table(metrics).splitlines()
+    assert lines[0].startswith("3 paired test prompts") and len(lines) == 4 + len(ROWS) + 2
+    assert lines[4] == f"| {ROWS['bertscore_f1']} | 0.200 | 0.600 | +0.400 [0.400, 0.400] (n 3) |"
+    assert lines[-2].startswith("| numbered list for a general question | 0.000 | 0.250 | +0.250 [")
+    assert lines[-1].startswith("| correct short answer to a general question | 0.500 | 0.250 | -0.250 [")

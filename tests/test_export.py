@@ -109,7 +109,7 @@ def test_merged_folder_matches_base_plus_adapter(tiny_model, adapter, merged, id
     assert (merged / "tokenizer.model").read_bytes() == (Path(tiny_model) / "tokenizer.model.v3").read_bytes()
     generation = json.loads((merged / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 2
-    assert generation["do_sample"] is False and generation["repetition_penalty"] == 1.1  # as evaluated
+    assert generation["do_sample"] is False and generation["repetition_penalty"] == 1.05  # as evaluated
     assert prompt_ids(load_tokenizer(str(merged)), PROMPT) == ids
     assert AutoTokenizer.from_pretrained(merged).eos_token_id == 2
 
@@ -243,7 +243,7 @@ def test_modelfile(ggufs):
     assert "[INST]" in template and "[/INST]" in template and "$.System" in template
     assert 'PARAMETER stop "</s>"' in text and 'PARAMETER stop "[INST]"' in text
     assert f'SYSTEM """{SYSTEM_PROMPT}"""' in text
-    assert "PARAMETER temperature 0\n" in text and "PARAMETER repeat_penalty 1.1\n" in text  # as evaluated
+    assert "PARAMETER temperature 0\n" in text and "PARAMETER repeat_penalty 1.05\n" in text  # as evaluated
     assert "PARAMETER repeat_last_n 64\n" in text
     info = json.loads((ggufs["f16"].parent / "gguf_info.json").read_text())
     assert set(info["files"]) == {p.name for p in ggufs.values()} and info["chat_family"] == "mistral"

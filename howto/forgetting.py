@@ -2,7 +2,7 @@
 
 A bundled set of general questions (facts, arithmetic, short writing, code, how-to outside the training domains;
 `data/forgetting.jsonl`) is put to the base and the fine-tuned model in the model's own chat format, with no system
-prompt (the way a user asks anything else). Two measures, each per prompt so that the two models pair up:
+prompt (the way a user asks anything else). Three measures, each per prompt so that the two models pair up:
 
 - the per-token loss of the reference answer under teacher forcing (mean negative log-likelihood of the answer's
   tokens and the end-of-turn token): forgetting shows as a rise;
@@ -139,7 +139,7 @@ def compare_probes(base: list[dict[str, Any]], tuned: list[dict[str, Any]], n_re
         "loss": measure("loss", lambda r: True),
         "over_formatting": measure("numbered", lambda r: r["kind"] != "howto"),
         "howto_list_rate": measure("numbered", lambda r: r["kind"] == "howto"),
-        **({"correct": measure("correct", lambda r: "correct" in r),
+        **({"correct": measure("correct", lambda r: True),
             "turned_wrong": [{"prompt": b["prompt"], "expect": b["expect"], "base": b["output"],
                               "finetuned": t["output"]} for b, t in pairs if b.get("correct") and t.get("correct") == 0]}
            if checked else {}),

@@ -7,8 +7,8 @@ error; the fine-tuned minus base difference of every metric gets a bootstrap 95%
 When the run folder holds exports (GGUF files, else merged weights), they answer the same prompts and a parity
 section says whether what ships is as good as the adapter. A forgetting probe (general questions, data/
 forgetting.jsonl) compares the base and the fine-tuned model's loss on reference answers, how often they answer
-a question that is not a how-to with a numbered list, and how often they get a fact or a sum right. Optional 1-5 ratings (an LLM judge, or blinded sheets for
-people) go into the same report.
+a question that is not a how-to with a numbered list, and how often they get a fact or a sum right. Optional 1-5
+ratings (an LLM judge, or blinded sheets for people) go into the same report.
 
     python evaluate.py --data data/prepared --finetuned runs/r1 --out eval/r1
     python evaluate.py --data data/prepared --base tiny --finetuned runs/r1 --out eval/r1 --bertscore-model minilm

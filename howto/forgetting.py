@@ -133,16 +133,18 @@ def compare_probes(base: list[dict[str, Any]], tuned: list[dict[str, Any]], n_re
         return {"base": mean_defined([b[field] for b, _ in kept])[0],
                 "finetuned": mean_defined([t[field] for _, t in kept])[0], **result}
 
-    checked = any("correct" in b and "correct" in t for b, t in pairs)
-    return {
+    result = {
         "n_prompts": len(pairs),
         "loss": measure("loss", lambda r: True),
         "over_formatting": measure("numbered", lambda r: r["kind"] != "howto"),
         "howto_list_rate": measure("numbered", lambda r: r["kind"] == "howto"),
-        **({"correct": measure("correct", lambda r: True),
-            "turned_wrong": [{"prompt": b["prompt"], "expect": b["expect"], "base": b["output"],
-                              "finetuned": t["output"]} for b, t in pairs if b.get("correct") and t.get("correct") == 0]}
-           if checked else {}),
         "loss_by_kind": {kind: measure("loss", lambda r, k=kind: r["kind"] == k)
                          for kind in KINDS if any(b["kind"] == kind for b, _ in pairs)},
     }
+    correct = measure("correct", lambda r: True)
+    if correct["n"]:
+        result["correct"] = correct
+        result["turned_wrong"] = [{"prompt": b["prompt"], "expect": b["expect"], "base": b["output"],
+                                   "finetuned": t["output"]}
+                                  for b, t in pairs if b.get("correct") and t.get("correct") == 0]
+    return result

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import html as html_lib
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from pypdf.errors import PdfReadError
 from howto.augment import parse_answer
 from howto.llm import ChatClient, LLMError
 from howto.pii import redact
-from howto.records import json_error
+from howto.records import json_value
 from howto.review import first_object, read_review, review_kind
 from howto.runio import RunError, load_yaml, markdown_code, markdown_text
 
@@ -1024,8 +1023,9 @@ def read_chats(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
         for row in rows:
             chats.setdefault(row[cid] if cid else "1", []).append((row[role] or "", row[body] or ""))
         return list(chats.items())
-    values = [(1, json_value(path, text, 1))] if suffix == ".json" else \
-        [(n, json_value(path, line, n)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    values = [(1, json_value(path, text, 1, "a conversation"))] if suffix == ".json" else \
+        [(n, json_value(path, line, n, "a conversation"))
+         for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if suffix == ".json" and isinstance(values[0][1], list):
         values = [(1, value) for value in values[0][1]]
     chats = []
@@ -1038,16 +1038,6 @@ def read_chats(path: Path) -> list[tuple[str, list[tuple[str, str]]]]:
         chats.append((cid, [(str(m.get("role", "")), str(m.get("text", m.get("content", "")) or ""))
                             for m in messages if isinstance(m, dict)]))
     return chats
-
-
-def json_value(path: Path, text: str, line: int) -> Any:
-    """The JSON value of a file or of one JSONL line; a syntax error names the file's own line and column."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunError(json_error(path, text, e, first_line=line).splitlines()[0]) from None
-    except RecursionError:
-        raise RunError(f"{path}:{line}: JSON nested too deeply to be a conversation") from None
 
 
 def _transcript_turns(text: str) -> list[tuple[str, str]]:

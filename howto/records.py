@@ -199,6 +199,17 @@ def json_error(path: Path, text: str, e: json.JSONDecodeError, first_line: int =
 
 
 # ---------------------------------------------------------------------------------------------------- validation
+
+def json_value(path: Path, text: str, line: int, holds: str) -> Any:
+    """The JSON value of a file or of one JSONL line (starting at file line `line`); a syntax error names the file's
+    own line and column, and a value nested too deeply for Python's parser is said to be no `holds`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RunError(json_error(path, text, e, first_line=line).splitlines()[0]) from None
+    except RecursionError:
+        raise RunError(f"{path}:{line}: JSON nested too deeply to be {holds}") from None
+
 def json_type(value: Any) -> str:
     names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
              dict: "object"}

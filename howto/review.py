@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from jsonschema import Draft202012Validator, ValidationError
 
 from howto.chat import parse_steps
-from howto.records import json_error, json_type
+from howto.records import json_type, json_value
 from howto.runio import RunError, atomic_write_text, write_json, write_jsonl
 
 DECISIONS = ("accept", "reject")
@@ -204,11 +204,7 @@ def _original(data: dict[str, Any]) -> dict[str, Any]:
 def _label_studio(path: Path) -> Iterator[Reviewed]:
     """(0, "task N", original, decision, prompt, steps) of each task of an export (a list of tasks, or one task),
     from its latest submitted annotation: the latest `updated_at`, and the later one in the export on a tie."""
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        tasks = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunError(json_error(path, text, e).splitlines()[0]) from None
+    tasks = json_value(path, path.read_text(encoding="utf-8-sig"), 1, "a Label Studio export")
     tasks = [tasks] if isinstance(tasks, dict) else tasks
     if not isinstance(tasks, list):
         raise RunError(f"{path}: a Label Studio export is a list of tasks, got {json_type(tasks)}")
@@ -249,16 +245,10 @@ def _sheet(path: Path) -> Iterator[Reviewed]:
                 start = reader.line_num + 1
     else:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
-        rows = [(n, _json_line(path, line, n)) for n, line in enumerate(lines, 1) if line.strip()]
+        rows = [(n, json_value(path, line, n, "a review row")) for n, line in enumerate(lines, 1) if line.strip()]
     for line, row in rows:
         check(row, "row", path, f"line {line}")
         original = _original({**row, "steps": row["response"]})
         yield line, f"line {line}", original, str(row.get("decision") or "").strip().lower(), original["prompt"], \
             original["steps"]
 
-
-def _json_line(path: Path, line: str, number: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RunError(json_error(path, line, e, first_line=number).splitlines()[0]) from None

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -503,7 +502,8 @@ def generate_system(system: System, examples: list[dict[str, Any]], args: argpar
             progress.advance(task, len(batch))
     if probe_todo:
         with console.status(f"forgetting probe ({system.name}, {len(probe or [])} questions)"):
-            probe_rows = forgetting.probe_model(generate.lm, generate.tokenizer, probe or [], args.batch_size)
+            probe_rows = forgetting.probe_model(generate.lm, generate.tokenizer, probe or [], args.batch_size,
+                                                generate.repeat_penalty)
         write_jsonl(probe_path, [{**r, "settings_hash": probe_key} for r in probe_rows])
     del generate
     free_memory()

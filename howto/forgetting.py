@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from howto.chat import _ids, _strip_trailing_after_eos, is_mistral_common
-from howto.generate import generate_ids
+from howto.generate import SHIPPED_DECODING, generate_ids
 from howto.metrics import mean_defined, paired_comparison
 from howto.records import read_text_records
 from howto.runio import RunError
@@ -99,9 +99,10 @@ def answer_loss(lm: Any, tokenizer: Any, prompt: str, answer: str) -> tuple[floa
     return float(loss), len(ids) - start
 
 
-def probe_model(lm: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
-    """Per prompt: the reference answer's loss, the model's greedy answer, whether it is a numbered list and, where
-    the record has `expect`, whether it is correct."""
+def probe_model(lm: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int,
+                repeat_penalty: float = SHIPPED_DECODING["repeat_penalty"]) -> list[dict[str, Any]]:
+    """Per prompt: the reference answer's loss, the model's greedy answer (with the evaluation's repeat penalty),
+    whether it is a numbered list and, where the record has `expect`, whether it is correct."""
     rows = []
     for record in records:
         loss, n_tokens = answer_loss(lm, tokenizer, record["prompt"], record["answer"])
@@ -110,7 +111,7 @@ def probe_model(lm: Any, tokenizer: Any, records: list[dict[str, Any]], batch_si
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         answers = generate_ids(lm, tokenizer, [question_ids(tokenizer, records[i]["prompt"]) for i in batch],
-                               MAX_NEW_TOKENS)
+                               MAX_NEW_TOKENS, repeat_penalty=repeat_penalty)
         for i, (text, n_tokens) in zip(batch, answers, strict=True):
             rows[i].update(output=text, output_tokens=n_tokens, numbered=int(is_numbered_list(text)))
             if "expect" in records[i]:

@@ -142,3 +142,19 @@ def test_report_shows_the_answers_that_turned_wrong():
     assert "### Answers that turned wrong (1): right before fine-tuning, wrong after" in text
     assert ("| What is the capital of Australia? | Canberra | The capital of Australia is Canberra. | "
             "The capital of Australia is Sydney. |") in text
+
+
+def test_probe_answers_with_the_evaluations_repeat_penalty(monkeypatch):
+    """`evaluate.py --repeat-penalty 1.0` must reach the probe's answers, whose cache key and report name it."""
+    seen = []
+
+    def fake_generate(lm, tokenizer, ids, max_new_tokens, **kwargs):
+        seen.append(kwargs["repeat_penalty"])
+        return [("The capital of Australia is Canberra.", 9)] * len(ids)
+
+    monkeypatch.setattr(forgetting, "answer_loss", lambda lm, tokenizer, prompt, answer: (1.0, 5))
+    monkeypatch.setattr(forgetting, "generate_ids", fake_generate)
+    monkeypatch.setattr(forgetting, "question_ids", lambda tokenizer, prompt: [1, 2])
+    records = forgetting.read_probe(forgetting.BUNDLED)[:3]
+    rows = forgetting.probe_model(None, None, records, batch_size=2, repeat_penalty=1.0)
+    assert seen == [1.0, 1.0] and rows[0]["correct"] == 1

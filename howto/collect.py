@@ -21,7 +21,7 @@ import csv
 import html as html_lib
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -966,8 +966,7 @@ def one_question_each(procedures: list[Procedure], product: str) -> tuple[list[t
             if attempt == "labels" and p.labels:
                 asked[k] = ask(p, product, with_labels=True)
             elif attempt == "alternative" and p.alternative:
-                asked[k] = ask(Procedure(p.alternative, p.steps, p.anchor, p.passage, p.platforms, p.labels,
-                                         p.versions), product, with_labels=True)
+                asked[k] = ask(replace(p, question=p.alternative, alternative=""), product, with_labels=True)
     kept: dict[str, int] = {}
     found, skipped = [], []
     for k, (question, p) in enumerate(zip(asked, procedures)):

@@ -14,11 +14,10 @@ import importlib
 import sys
 from pathlib import Path
 
-from howto.runio import add_config_argument
+from howto.runio import SCRIPTS, add_config_argument, markdown_fence
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"
-SCRIPTS = ("prepare_data", "finetune", "evaluate")
 COMMAND = "python -m tools.flag_reference"
 WIDTH = 116  # help lines wrap here whatever the terminal, so the page is the same on every machine
 
@@ -56,7 +55,7 @@ def help_text(script: str) -> str:
 
 
 def reference() -> str:
-    sections = [f"## {script}.py\n\n```text\n{help_text(script).rstrip()}\n```\n" for script in SCRIPTS]
+    sections = [f"## {script}.py\n\n{markdown_fence(help_text(script).rstrip())}\n" for script in SCRIPTS]
     return "\n".join([HEADER, *sections])
 
 

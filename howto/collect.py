@@ -501,7 +501,7 @@ def walk(element: Tag) -> list[Block]:
     """
     for br in element.find_all("br"):
         br.replace_with("\n")
-    holds_block, holds_list = _holding(element, _BLOCK_TAGS), _holding(element, ("ol", "ul"))
+    holds_block, holds_list = _holding(element)
     texts = ItemTexts()
     blocks: list[Block] = []
     loose: list[str] = []
@@ -564,15 +564,18 @@ def walk(element: Tag) -> list[Block]:
     return blocks
 
 
-def _holding(root: Tag, names: Iterable[str]) -> set[int]:
-    """The ids of the tags under `root` that hold one of the named tags, found in one pass from the innermost tags
-    out (a tag comes after all of its descendants in reversed document order)."""
-    names = set(names)
-    holding: set[int] = set()
+def _holding(root: Tag) -> tuple[set[int], set[int]]:
+    """The ids of the tags under `root` that hold a block tag, and of those that hold a list, found in one pass from
+    the innermost tags out (a tag comes after all of its descendants in reversed document order)."""
+    block_tags = set(_BLOCK_TAGS)
+    holds_block: set[int] = set()
+    holds_list: set[int] = set()
     for tag in reversed(root.find_all(True)):
-        if tag.name in names or id(tag) in holding:
-            holding.add(id(tag.parent))
-    return holding
+        if tag.name in block_tags or id(tag) in holds_block:
+            holds_block.add(id(tag.parent))
+        if tag.name in ("ol", "ul") or id(tag) in holds_list:
+            holds_list.add(id(tag.parent))
+    return holds_block, holds_list
 
 
 def _shown(text: str) -> str:

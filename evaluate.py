@@ -51,7 +51,7 @@ from howto.metrics import (DEFAULT_ALIGN_THRESHOLD, METRICS, MIN_PAIRED, MINILM,
                            score_examples, too_few_pairs)
 from howto.models import (default_model, free_memory, has_cuda, load_for_generation, load_tokenizer, read_run_info,
                           resolve_model)
-from howto.records import read_clean, read_records
+from howto.records import read_clean, read_records, string_list
 from howto.report import Rows
 from howto.runio import (RunError, atomic_write_bytes, atomic_write_text, check_out_dir, hash_files, json_line,
                          parse_args, positive_int, run_script, write_json, write_jsonl, write_run_info)
@@ -212,12 +212,6 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _steps_field(value: Any, where: str, field: str) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s.strip() for s in value):
-        raise RunError(f"{where}: field {field!r} must be a non-empty list of non-empty strings")
-    return [s.strip() for s in value]
-
-
 def _prompt_field(record: dict[str, Any], where: str) -> str:
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -276,7 +270,7 @@ def read_predictions(spec: str, known: dict[str, dict[str, Any]]) -> tuple[str, 
         test = known.get(key, {})
         field = "reference" if "reference" in record else "response"
         if field in record:
-            response = _steps_field(record[field], where, field)
+            response = string_list(record[field], where, field)
         elif test:
             response = test["response"]
         else:

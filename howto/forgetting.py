@@ -21,7 +21,7 @@ from typing import Any
 from howto.chat import _ids, _strip_trailing_after_eos, is_mistral_common
 from howto.generate import SHIPPED_DECODING, generate_ids
 from howto.metrics import mean_defined, paired_comparison
-from howto.records import read_text_records
+from howto.records import read_text_records, string_list
 from howto.runio import RunError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "forgetting.jsonl"
@@ -40,12 +40,10 @@ def read_probe(path: str | Path) -> list[dict[str, Any]]:
         if record.get("kind") not in KINDS:
             raise RunError(f"{where}: field 'kind' must be one of {', '.join(KINDS)}")
         expect = record.get("expect")
-        if expect is not None and (not isinstance(expect, list) or not expect
-                                   or not all(isinstance(e, str) and e.strip() for e in expect)):
-            raise RunError(f"{where}: field 'expect' must be a non-empty list of non-empty strings (the accepted "
-                           "short answers, e.g. [\"Canberra\"])")
+        if expect is not None:
+            expect = string_list(expect, where, "expect", ' (the accepted short answers, e.g. ["Canberra"])')
         records.append({"prompt": record["prompt"], "answer": record["answer"], "kind": record["kind"],
-                        **({"expect": [e.strip() for e in expect]} if expect else {})})
+                        **({"expect": expect} if expect else {})})
     if not records:
         raise RunError(f"{path}: no probe records")
     return records

@@ -313,6 +313,13 @@ def read_clean(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def string_list(value: Any, where: str, field: str, hint: str = "") -> list[str]:
+    """A field that must be a non-empty list of non-empty strings, stripped; the error names where and the field."""
+    if not isinstance(value, list) or not value or not all(isinstance(s, str) and s.strip() for s in value):
+        raise RunError(f"{where}: field {field!r} must be a non-empty list of non-empty strings{hint}")
+    return [s.strip() for s in value]
+
+
 def read_text_records(path: str | Path, flag: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
                       shape: str = "a JSON object") -> list[tuple[str, dict[str, Any]]]:
     """(file:line, record) of a small JSONL file of text fields (the forgetting probe, general conversations): each

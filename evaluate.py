@@ -327,15 +327,14 @@ def as_system(name: str, path: Path, base: str, flag: str) -> System:
         if problem:
             raise RunError(f"{flag} {path}: {problem}")
         return System(name, gguf=str(path), tokenizer_model=base)
-    if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+    adapter = (path / "adapter_config.json").is_file()
+    if not (adapter or (path / "config.json").is_file()):
         raise RunError(f"{flag} {path}: expected a run or adapter folder (adapter_config.json), a merged model "
                        "folder (config.json) or a .gguf file")
     problem = model_folder_problem(path)
     if problem:
         raise RunError(f"{flag} {path}: {problem}")
-    if (path / "adapter_config.json").is_file():
-        return System(name, model=base, adapter=str(path))
-    return System(name, model=str(path))
+    return System(name, model=base, adapter=str(path)) if adapter else System(name, model=str(path))
 
 
 def resolve_systems(base: str | None, finetuned: str) -> list[System]:
@@ -741,7 +740,7 @@ def collect_ratings(args: argparse.Namespace, tables: dict[str, Rows], out_dir: 
         console.print(f"rating sheet: {csv_path} (keep {out_dir / ratings.KEY_FILE} from raters; or rate on the "
                       "page of --serve)")
     if args.ratings:
-        key = Path(args.ratings_key) if args.ratings_key else out_dir / "rating_key.json"
+        key = Path(args.ratings_key) if args.ratings_key else out_dir / ratings.KEY_FILE
         try:
             result["human"] = ratings.read_ratings([Path(f) for f in args.ratings], key, systems=systems[:2])
         except (ratings.RatingsError, ValueError) as e:

@@ -30,10 +30,10 @@ ROWS = {"bertscore_f1": "BERTScore F1", "order_accuracy": "step-order accuracy",
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     out = Path(args.out)
-    run_script("prepare_data.py", args.data, "--out", out / "data", "--config", args.config)
+    run_step("prepare_data.py", args.data, "--out", out / "data", "--config", args.config)
     cut_training_split(out / "data" / "train.jsonl", args.max_train, args.seed)
-    run_script("finetune.py", "--data", out / "data", "--out", out / "run", "--config", args.config)
-    run_script("evaluate.py", "--data", out / "data", "--finetuned", out / "run", "--out", out / "run" / "eval",
+    run_step("finetune.py", "--data", out / "data", "--out", out / "run", "--config", args.config)
+    run_step("evaluate.py", "--data", out / "data", "--finetuned", out / "run", "--out", out / "run" / "eval",
                "--config", args.config, "--no-parity")
     table = quality_table(json.loads((out / "run" / "eval" / "metrics.json").read_text(encoding="utf-8")))
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
@@ -54,7 +54,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_script(script: str, *args: object) -> None:
+def run_step(script: str, *args: object) -> None:
     """One of the toolkit's scripts through its command line, its output shown as it runs."""
     command = [sys.executable, str(ROOT / script), *map(str, args)]
     print("$", " ".join(command), flush=True)
